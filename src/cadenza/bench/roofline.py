@@ -1,0 +1,87 @@
+"""The machine's GEMM roofline for a model's matmul shapes.
+
+Times each matmul of a prefill (projections, MLP, attention score and value products, the LM
+head for the last row) as a bare ``torch.matmul`` on this machine and thread count: the sum is
+the time a perfect engine, doing nothing but those GEMMs, would need.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+
+import torch
+
+from cadenza.config import ModelConfig
+
+
+@dataclass
+class GemmShape:
+    name: str
+    batch: int  # independent products (attention heads)
+    m: int
+    k: int
+    n: int
+    count: int  # how many times one forward pass runs it
+    flop_fraction: float = 1.0  # causal attention needs half the products
+
+    @property
+    def flops(self) -> float:
+        return 2.0 * self.batch * self.m * self.k * self.n * self.count * self.flop_fraction
+
+
+def prefill_shapes(config: ModelConfig, tokens: int) -> list[GemmShape]:
+    d = config.resolved_head_dim
+    h, kvh, hidden = config.num_attention_heads, config.num_key_value_heads, config.hidden_size
+    layers = config.num_hidden_layers
+    inter = config.intermediate_size
+    return [
+        GemmShape("qkv_proj", 1, tokens, hidden, (h + 2 * kvh) * d, layers),
+        GemmShape("o_proj", 1, tokens, h * d, hidden, layers),
+        GemmShape("gate_up_proj", 1, tokens, hidden, 2 * inter, layers),
+        GemmShape("down_proj", 1, tokens, inter, hidden, layers),
+        GemmShape("attn_scores", h, tokens, d, tokens, layers, 0.5),
+        GemmShape("attn_values", h, tokens, tokens, d, layers, 0.5),
+        GemmShape("lm_head", 1, 1, hidden, config.vocab_size, 1),
+    ]
+
+
+def time_gemm(shape: GemmShape, repeats: int = 5) -> float:
+    """Median seconds of one product of this shape (all its batch entries)."""
+    a = torch.randn(shape.batch, shape.m, shape.k)
+    b = torch.randn(shape.batch, shape.k, shape.n)
+    torch.matmul(a, b)
+    samples = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        torch.matmul(a, b)
+        samples.append(time.perf_counter() - start)
+    return statistics.median(samples)
+
+
+def measure_roofline(config: ModelConfig, tokens: int) -> dict[str, float | list]:
+    """Seconds and FLOP/s of a GEMM-only prefill of ``tokens`` tokens."""
+    rows = []
+    total_s = 0.0
+    total_flops = 0.0
+    for shape in prefill_shapes(config, tokens):
+        seconds = time_gemm(shape) * shape.count * shape.flop_fraction
+        total_s += seconds
+        total_flops += shape.flops
+        rows.append(
+            {
+                "name": shape.name,
+                "shape": [shape.batch, shape.m, shape.k, shape.n],
+                "count": shape.count,
+                "seconds": seconds,
+                "gflops_per_s": shape.flops / seconds / 1e9 if seconds else 0.0,
+            }
+        )
+    return {
+        "seconds": total_s,
+        "flops": total_flops,
+        "gflops_per_s": total_flops / total_s / 1e9,
+        "tokens_per_s": tokens / total_s,
+        "shapes": rows,
+    }

@@ -1,0 +1,151 @@
+"""`cadenza generate | chat --offline | bench engine`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Sequence
+
+
+def _add_engine_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--model",
+        default="smollm2-135m",
+        help="alias smollm2-135m (embedded default), a .gguf file, or a Hugging Face directory",
+    )
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    parser.add_argument("--max-model-len", type=int, default=None)
+    parser.add_argument("--block-size", type=int, default=16)
+    parser.add_argument("--kv-cache-memory-gib", type=float, default=1.0)
+    parser.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    parser.add_argument("--max-num-seqs", type=int, default=64)
+    parser.add_argument(
+        "--no-enable-prefix-caching", dest="enable_prefix_caching", action="store_false"
+    )
+    parser.add_argument("--num-threads", type=int, default=None)
+
+
+def _add_sampling_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--max-tokens", type=int, default=256)
+    parser.add_argument("--temperature", type=float, default=0.0)
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--top-k", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=None)
+
+
+def _build_llm(args: argparse.Namespace):
+    from cadenza.llm import LLM
+
+    return LLM(
+        args.model,
+        dtype=args.dtype,
+        device=args.device,
+        max_model_len=args.max_model_len,
+        block_size=args.block_size,
+        kv_cache_memory_gib=args.kv_cache_memory_gib,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        max_num_seqs=args.max_num_seqs,
+        enable_prefix_caching=args.enable_prefix_caching,
+        num_threads=args.num_threads,
+    )
+
+
+def _sampling(args: argparse.Namespace):
+    from cadenza.core.sampling_params import SamplingParams
+
+    return SamplingParams(
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        seed=args.seed,
+    )
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    llm = _build_llm(args)
+    params = _sampling(args)
+    if args.chat:
+        outputs = llm.chat([{"role": "user", "content": args.prompt}], params)
+    else:
+        outputs = llm.generate(args.prompt, params)
+    print(outputs[0].outputs[0].text)
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    if not args.offline:
+        print("the server client arrives with `cadenza serve`; use --offline for now", file=sys.stderr)
+        return 2
+    llm = _build_llm(args)
+    params = _sampling(args)
+    engine = llm.engine
+    tokenizer = llm.get_tokenizer()
+    messages: list[dict[str, str]] = []
+    if args.system:
+        messages.append({"role": "system", "content": args.system})
+    print(f"cadenza chat (offline, {args.model}). Empty line or Ctrl-D to quit.")
+    turn = 0
+    while True:
+        try:
+            user = input("you> ").strip()
+        except EOFError:
+            print()
+            return 0
+        if not user:
+            return 0
+        messages.append({"role": "user", "content": user})
+        prompt_ids = tokenizer.encode_chat(messages)
+        start = time.monotonic()
+        request_id = engine.add_request(f"chat-{turn}", prompt_ids, params)
+        turn += 1
+        first = None
+        cached = 0
+        reply = ""
+        print("assistant> ", end="", flush=True)
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                if out.request_id != request_id:
+                    continue
+                first = first or time.monotonic()
+                cached = out.num_cached_tokens
+                print(out.outputs[0].delta_text, end="", flush=True)
+                reply = out.outputs[0].text
+        ttft = (first - start) if first else float("nan")
+        print(f"\n  [ttft {ttft * 1000:.0f} ms, {cached}/{len(prompt_ids)} prompt tokens cached]")
+        messages.append({"role": "assistant", "content": reply})
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="cadenza", description="Cadenza stateful LLM serving")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="one-shot generation on the offline engine")
+    gen.add_argument("prompt")
+    gen.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
+    _add_engine_args(gen)
+    _add_sampling_args(gen)
+    gen.set_defaults(func=cmd_generate)
+
+    chat = sub.add_parser("chat", help="interactive terminal chat")
+    chat.add_argument("--offline", action="store_true", help="run the engine in this process")
+    chat.add_argument("--system", default=None, help="system prompt")
+    _add_engine_args(chat)
+    _add_sampling_args(chat)
+    chat.set_defaults(func=cmd_chat)
+
+    bench = sub.add_parser("bench", help="benchmarks")
+    bench_sub = bench.add_subparsers(dest="bench_command", required=True)
+    from cadenza.bench.engine_bench import add_arguments as add_engine_bench_args
+
+    engine_bench = bench_sub.add_parser("engine", help="prefill/decode throughput vs transformers")
+    add_engine_bench_args(engine_bench)
+
+    args = parser.parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

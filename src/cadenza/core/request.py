@@ -1,0 +1,99 @@
+"""A request is a token list and a counter catching up with it.
+
+``num_computed_tokens`` says how many leading tokens have KV in the cache. Each step the
+scheduler hands a request some of the missing tokens (a prefill chunk, a recompute after
+preemption, or the single newest token of a decode); when the counter reaches the end of the
+list, the model samples the next token and the list grows by one.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+from cadenza.core.hashing import BlockHash, extend_block_hashes
+from cadenza.core.sampling_params import SamplingParams
+
+
+class RequestStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    PREEMPTED = "preempted"
+    FINISHED_STOPPED = "stop"
+    FINISHED_LENGTH = "length"
+    FINISHED_ABORTED = "abort"
+
+    @property
+    def is_finished(self) -> bool:
+        return self.value in ("stop", "length", "abort")
+
+
+@dataclass(eq=False)
+class Request:
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling_params: SamplingParams
+    eos_token_ids: tuple[int, ...]
+    block_size: int
+    hash_seed: BlockHash
+    # Largest total length (prompt + output) this request may reach.
+    max_total_tokens: int
+    arrival_time: float = 0.0
+    priority: int = 0
+    cache_salt: str | None = None
+
+    status: RequestStatus = RequestStatus.WAITING
+    output_token_ids: list[int] = field(default_factory=list)
+    all_token_ids: list[int] = field(default_factory=list)
+    num_computed_tokens: int = 0
+    # Prompt tokens served from the prefix cache when first scheduled (-1: not yet scheduled).
+    num_cached_tokens: int = -1
+    num_preemptions: int = 0
+    block_hashes: list[BlockHash] = field(default_factory=list)
+    stop_reason: int | str | None = None
+
+    def __post_init__(self) -> None:
+        self.all_token_ids = list(self.prompt_token_ids)
+        extend_block_hashes(self.block_hashes, self.all_token_ids, self.block_size, self.hash_seed)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.all_token_ids)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.output_token_ids)
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status.is_finished
+
+    def append_output_token(self, token_id: int) -> None:
+        self.output_token_ids.append(token_id)
+        self.all_token_ids.append(token_id)
+        if len(self.all_token_ids) % self.block_size == 0:
+            extend_block_hashes(
+                self.block_hashes, self.all_token_ids, self.block_size, self.hash_seed
+            )
+
+    def check_stop(self) -> RequestStatus | None:
+        """The finished status implied by the newest token, if any (stop strings are the
+        output processor's job, since they need text)."""
+        params = self.sampling_params
+        last = self.output_token_ids[-1]
+        if self.num_output_tokens >= params.min_tokens:
+            if last in params.stop_token_ids:
+                self.stop_reason = last
+                return RequestStatus.FINISHED_STOPPED
+            if not params.ignore_eos and last in self.eos_token_ids:
+                return RequestStatus.FINISHED_STOPPED
+        max_tokens = params.max_tokens
+        if max_tokens is not None and self.num_output_tokens >= max_tokens:
+            return RequestStatus.FINISHED_LENGTH
+        if self.num_tokens >= self.max_total_tokens:
+            return RequestStatus.FINISHED_LENGTH
+        return None

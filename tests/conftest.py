@@ -1,0 +1,81 @@
+"""Shared fixtures: tiny random models and the embedded SmolLM2 (loaded once per session)."""
+
+from __future__ import annotations
+
+import gzip
+import json
+from pathlib import Path
+
+import pytest
+
+from cadenza.config import ModelConfig, RopeScaling
+
+SHAREGPT_SAMPLE = (
+    Path(__file__).resolve().parents[2] / "shared/data/sharegpt/sharegpt_multiturn_sample500.jsonl.gz"
+)
+
+TINY_LLAMA = ModelConfig(
+    architecture="llama",
+    vocab_size=320,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    rope_theta=10000.0,
+    rope_scaling=RopeScaling(factor=8.0, original_max_position_embeddings=64),
+    max_position_embeddings=2048,
+    bos_token_id=1,
+    eos_token_ids=(2,),
+    name="tiny-llama-gqa",
+)
+
+TINY_QWEN2 = ModelConfig(
+    architecture="qwen2",
+    vocab_size=300,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=1,
+    rope_theta=1000000.0,
+    max_position_embeddings=2048,
+    attention_bias=True,
+    tie_word_embeddings=True,
+    rms_norm_eps=1e-6,
+    bos_token_id=None,
+    eos_token_ids=(299,),
+    name="tiny-qwen2-bias",
+)
+
+
+@pytest.fixture(scope="session")
+def smollm2_source():
+    from cadenza.model.source import load_model_source
+
+    try:
+        return load_model_source("smollm2-135m")
+    except (FileNotFoundError, ImportError, ModuleNotFoundError) as exc:
+        pytest.skip(f"embedded model not installed: {exc}")
+
+
+@pytest.fixture(scope="session")
+def smollm2_hf(smollm2_source):
+    from cadenza.model.hf_reference import build_hf_model
+
+    return build_hf_model(smollm2_source.config, smollm2_source.state_dict)
+
+
+def sharegpt_user_messages(count: int, min_chars: int = 20, max_chars: int = 600) -> list[str]:
+    """First user messages of the first ``count`` suitable ShareGPT sample conversations."""
+    if not SHAREGPT_SAMPLE.exists():
+        pytest.skip(f"workload data missing: {SHAREGPT_SAMPLE}")
+    found = []
+    with gzip.open(SHAREGPT_SAMPLE, "rt") as handle:
+        for line in handle:
+            text = json.loads(line)["messages"][0]["content"]
+            if min_chars <= len(text) <= max_chars:
+                found.append(text)
+            if len(found) == count:
+                break
+    return found
