@@ -11,7 +11,8 @@ import pytest
 from cadenza.config import ModelConfig, RopeScaling
 
 SHAREGPT_SAMPLE = (
-    Path(__file__).resolve().parents[2] / "shared/data/sharegpt/sharegpt_multiturn_sample500.jsonl.gz"
+    Path(__file__).resolve().parents[2]
+    / "shared/data/sharegpt/sharegpt_multiturn_sample500.jsonl.gz"
 )
 
 TINY_LLAMA = ModelConfig(

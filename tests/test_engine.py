@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import pytest
+from tests.conftest import sharegpt_user_messages
 
 from cadenza import LLM, SamplingParams
-from tests.conftest import sharegpt_user_messages
 
 
 @pytest.fixture(scope="module")
@@ -60,9 +60,11 @@ def test_seeded_sampling_is_reproducible_across_batches(smollm2_source, prompts)
     alone = llm.generate([prompts[0]], seeded)[0].outputs[0].token_ids
     again = llm.generate([prompts[0]], seeded)[0].outputs[0].token_ids
     unseeded = SamplingParams(max_tokens=20, temperature=1.0)
-    mixed = llm.generate(
-        [prompts[3], prompts[0], prompts[5]], [unseeded, seeded, unseeded]
-    )[1].outputs[0].token_ids
+    mixed = (
+        llm.generate([prompts[3], prompts[0], prompts[5]], [unseeded, seeded, unseeded])[1]
+        .outputs[0]
+        .token_ids
+    )
     assert alone == again == mixed
     other_seed = SamplingParams(max_tokens=20, temperature=0.9, top_p=0.95, seed=99)
     assert llm.generate([prompts[0]], other_seed)[0].outputs[0].token_ids != alone
@@ -87,12 +89,15 @@ def test_stop_strings_logprobs_and_bad_input(smollm2_source):
     llm = LLM(source=smollm2_source, num_kv_blocks=128)
     messages = [{"role": "user", "content": "Count from 1 to 10 separated by commas."}]
     free_run = llm.chat(messages, SamplingParams(max_tokens=40, temperature=0.0))[0].outputs[0]
-    assert ", 4" in free_run.text
+    middle = len(free_run.text) // 2
+    stop = free_run.text[middle : middle + 3]
+    assert len(stop) == 3
     stopped = llm.chat(
-        messages, SamplingParams(max_tokens=40, temperature=0.0, stop=[", 4"], logprobs=3)
+        messages, SamplingParams(max_tokens=40, temperature=0.0, stop=[stop], logprobs=3)
     )[0].outputs[0]
-    assert stopped.finish_reason == "stop" and stopped.stop_reason == ", 4"
-    assert stopped.text == free_run.text[: free_run.text.index(", 4")]
+    assert stopped.finish_reason == "stop" and stopped.stop_reason == stop
+    assert stopped.text == free_run.text[: free_run.text.index(stop)]
+    assert len(stopped.token_ids) < len(free_run.token_ids)
     assert len(stopped.logprobs) == len(stopped.token_ids)
     assert all(len(entry) >= 3 for entry in stopped.logprobs)
     with pytest.raises(ValueError, match="context"):

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tests.conftest import TINY_LLAMA, TINY_QWEN2, sharegpt_user_messages
 
 from cadenza import LLM, SamplingParams
 from cadenza.model.hf_reference import build_hf_model
 from cadenza.model.source import random_model_source
-from tests.conftest import TINY_LLAMA, TINY_QWEN2, sharegpt_user_messages
 
 DECODE_STEPS = 32
 
@@ -16,7 +16,9 @@ DECODE_STEPS = 32
 def engine_logits(llm: LLM, prompt: list[int], steps: int) -> tuple[list[int], torch.Tensor]:
     """Greedy-decode ``steps`` tokens, recording the logits row of every sampling step."""
     engine = llm.engine
-    engine.add_request("probe", prompt, SamplingParams(max_tokens=steps + 1, temperature=0.0, ignore_eos=True))
+    engine.add_request(
+        "probe", prompt, SamplingParams(max_tokens=steps + 1, temperature=0.0, ignore_eos=True)
+    )
     rows = []
     while engine.has_unfinished_requests():
         outputs = engine.step()
@@ -38,7 +40,9 @@ def test_tiny_random_models_match_transformers(config):
     hf = build_hf_model(config, source.state_dict)
     # Small blocks and budget: the prompt is prefilled in chunks over a cached prefix.
     llm = LLM(source=source, block_size=4, num_kv_blocks=64, max_num_batched_tokens=16)
-    prompt = torch.randint(3, config.vocab_size, (45,), generator=torch.Generator().manual_seed(0)).tolist()
+    prompt = torch.randint(
+        3, config.vocab_size, (45,), generator=torch.Generator().manual_seed(0)
+    ).tolist()
     generated, ours = engine_logits(llm, prompt, DECODE_STEPS)
     theirs = hf_logits(hf, prompt + generated, len(prompt))
     assert ours.shape == theirs.shape == (DECODE_STEPS + 1, config.vocab_size)
@@ -48,7 +52,9 @@ def test_tiny_random_models_match_transformers(config):
 def test_smollm2_logits_match_transformers(smollm2_source, smollm2_hf):
     llm = LLM(source=smollm2_source, num_kv_blocks=256, max_num_batched_tokens=64)
     tokenizer = llm.get_tokenizer()
-    prompt = tokenizer.encode_chat([{"role": "user", "content": "Explain paged attention in two sentences."}])
+    prompt = tokenizer.encode_chat(
+        [{"role": "user", "content": "Explain paged attention in two sentences."}]
+    )
     generated, ours = engine_logits(llm, prompt, DECODE_STEPS)
     theirs = hf_logits(smollm2_hf, prompt + generated, len(prompt))
     assert (ours - theirs).abs().max().item() <= 1e-3
@@ -61,7 +67,7 @@ def test_smollm2_greedy_matches_transformers_on_sharegpt(smollm2_source, smollm2
     prompts = [tokenizer.encode_chat([{"role": "user", "content": m}]) for m in messages]
     params = SamplingParams(max_tokens=64, temperature=0.0, ignore_eos=True)
     ours = llm.generate(prompts, params)  # all eight batched together
-    for prompt, output in zip(prompts, ours):
+    for prompt, output in zip(prompts, ours, strict=True):
         with torch.inference_mode():
             ref = smollm2_hf.generate(
                 torch.tensor([prompt]),

@@ -299,20 +299,21 @@ def test_logprobs_are_raw_and_sorted() -> None:
     torch.testing.assert_close(out.top_logprobs, ref.topk(5, -1).values)
 
 
-def test_large_batch_runs_in_reasonable_time() -> None:
-    import time
-
+def test_large_mixed_batch_samples_every_row_within_its_filters() -> None:
     logits = _logits(256, 50_000, scale=1.0)
     params = [
         SamplingParams(top_p=0.9, top_k=50, seed=i if i % 2 else None, frequency_penalty=0.1)
         for i in range(256)
     ]
     batch = _batch(params, [list(range(i, i + 64)) for i in range(256)], [[1, 2, 3]] * 256)
-    start = time.perf_counter()
     out = sample(logits, batch)
     assert out.token_ids.shape == (256,)
-    # Generous: only catches per-vocab Python loops, not regressions of a few percent.
-    assert time.perf_counter() - start < 10.0
+    # Every sampled token survives top-k 50 of its frequency-penalised row.
+    penalised = logits.clone()
+    for row in range(256):
+        penalised[row, list(range(row, row + 64))] -= 0.1
+    top50 = penalised.topk(50, dim=-1).indices.tolist()
+    assert all(t in top for t, top in zip(out.token_ids.tolist(), top50, strict=True))
 
 
 def test_half_precision_and_non_contiguous_logits() -> None:

@@ -14,7 +14,9 @@ def _add_engine_args(parser: argparse.ArgumentParser) -> None:
         default="smollm2-135m",
         help="alias smollm2-135m (embedded default), a .gguf file, or a Hugging Face directory",
     )
-    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    parser.add_argument(
+        "--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"]
+    )
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     parser.add_argument("--max-model-len", type=int, default=None)
     parser.add_argument("--block-size", type=int, default=16)
@@ -77,7 +79,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def cmd_chat(args: argparse.Namespace) -> int:
     if not args.offline:
-        print("the server client arrives with `cadenza serve`; use --offline for now", file=sys.stderr)
+        print(
+            "the server client arrives with `cadenza serve`; use --offline for now", file=sys.stderr
+        )
         return 2
     llm = _build_llm(args)
     params = _sampling(args)

@@ -52,7 +52,9 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         if self.hidden_size % self.num_attention_heads and self.head_dim is None:
-            raise ValueError("hidden_size must divide by num_attention_heads when head_dim is unset")
+            raise ValueError(
+                "hidden_size must divide by num_attention_heads when head_dim is unset"
+            )
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError("num_attention_heads must be a multiple of num_key_value_heads")
 

@@ -30,7 +30,9 @@ class LLMEngine:
         self.scheduler = Scheduler(config.scheduler, config.cache, self.runner.num_blocks)
         self.outputs = OutputProcessor(self.tokenizer)
         self.eos_token_ids = (
-            self.tokenizer.eos_token_ids if self.tokenizer is not None else source.config.eos_token_ids
+            self.tokenizer.eos_token_ids
+            if self.tokenizer is not None
+            else source.config.eos_token_ids
         )
         self._ids = itertools.count()
         del source  # weights now live in the runner's model only

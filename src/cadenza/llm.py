@@ -91,7 +91,7 @@ class LLM:
             raise ValueError("priority needs one value per prompt")
         ids = []
         try:
-            for i, (item, p) in enumerate(zip(items, params)):
+            for i, (item, p) in enumerate(zip(items, params, strict=True)):
                 prompt, salt = _unpack(item, cache_salt)
                 rid = f"llm-{self._counter}"
                 self._counter += 1

@@ -91,7 +91,9 @@ class OutputProcessor:
         if best is None:
             return None
         at, stop = best
-        state.text = state.text[: at + len(stop)] if params.include_stop_str_in_output else state.text[:at]
+        state.text = (
+            state.text[: at + len(stop)] if params.include_stop_str_in_output else state.text[:at]
+        )
         state.stop_string = stop
         return stop
 
@@ -112,7 +114,9 @@ class OutputProcessor:
         stop_reason = None
         if finished:
             finish_reason = _finish_reason(request.status)
-            stop_reason = state.stop_string if state.stop_string is not None else request.stop_reason
+            stop_reason = (
+                state.stop_string if state.stop_string is not None else request.stop_reason
+            )
             state.metrics["e2e_s"] = time.monotonic() - state.arrival_time
         if state.first_token_time is not None:
             state.metrics["ttft_s"] = state.first_token_time - state.arrival_time

@@ -169,7 +169,9 @@ def write_report(result: dict, out_dir: Path) -> None:
         f"| {p['fraction_of_roofline']:.0%} |",
     ]
     if "hf_tokens_per_s" in p:
-        lines.append(f"| transformers (forward, last-token logits) | {p['hf_tokens_per_s']:.0f} | 1.00× | |")
+        lines.append(
+            f"| transformers (forward, last-token logits) | {p['hf_tokens_per_s']:.0f} | 1.00× | |"
+        )
     lines.append(f"| GEMM roofline | {p['roofline_tokens_per_s']:.0f} | | 100% |")
     lines += [
         "",
@@ -180,14 +182,19 @@ def write_report(result: dict, out_dir: Path) -> None:
         "|---:|---:|---:|---:|",
     ]
     for row in result["decode"]:
+        hf_rate = row.get("hf_tokens_per_s", float("nan"))
+        ratio = row.get("ratio_vs_hf", float("nan"))
         lines.append(
-            f"| {row['batch']} | {row['cadenza_tokens_per_s']:.0f} | "
-            f"{row.get('hf_tokens_per_s', float('nan')):.0f} | {row.get('ratio_vs_hf', float('nan')):.2f}× |"
+            f"| {row['batch']} | {row['cadenza_tokens_per_s']:.0f} | {hf_rate:.0f} | {ratio:.2f}× |"
         )
-    lines += ["", "## Roofline shapes", "", "| GEMM | [batch, m, k, n] | per pass | GFLOP/s |",
-              "|---|---|---:|---:|"]
+    lines += [
+        "",
+        "## Roofline shapes",
+        "",
+        "| GEMM | [batch, m, k, n] | per pass | GFLOP/s |",
+        "|---|---|---:|---:|",
+    ]
     for shape in result["roofline"]["shapes"]:
-        lines.append(
-            f"| {shape['name']} | {shape['shape']} | {shape['count']} | {shape['gflops_per_s']:.0f} |"
-        )
+        rate = shape["gflops_per_s"]
+        lines.append(f"| {shape['name']} | {shape['shape']} | {shape['count']} | {rate:.0f} |")
     (out_dir / "engine.md").write_text("\n".join(lines) + "\n")

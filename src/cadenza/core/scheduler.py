@@ -164,9 +164,7 @@ class Scheduler:
         self.waiting.appendleft(request)
 
     # ------------------------------------------------------------------- after the model
-    def update_from_output(
-        self, out: SchedulerOutput, sampled: dict[str, int]
-    ) -> list[Request]:
+    def update_from_output(self, out: SchedulerOutput, sampled: dict[str, int]) -> list[Request]:
         """Advance counters, append sampled tokens, finish requests that stopped.
 
         Returns the requests that received a new token this step (finished ones included).

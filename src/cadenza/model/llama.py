@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cadenza.config import ModelConfig
-from cadenza.model.rope import RotaryEmbedding
+from cadenza.model.rope import RopeTables, RotaryEmbedding, apply_rope
 from cadenza.runner.attention_metadata import AttentionMetadata, write_kv
 
 # (query, key_cache, value_cache, meta, scale, new_key, new_value) -> output
@@ -50,8 +50,7 @@ class Attention(nn.Module):
     def forward(
         self,
         hidden: torch.Tensor,
-        positions: torch.Tensor,
-        rope: RotaryEmbedding,
+        rope: RopeTables,
         kv_cache: torch.Tensor,
         meta: AttentionMetadata,
         attention: AttentionFn,
@@ -62,7 +61,7 @@ class Attention(nn.Module):
         q = q.view(tokens, self.num_heads, self.head_dim)
         k = k.view(tokens, self.num_kv_heads, self.head_dim)
         v = v.view(tokens, self.num_kv_heads, self.head_dim)
-        q, k = rope(positions, q, k)
+        q, k = apply_rope(rope, q, k)
         key_cache, value_cache = kv_cache[0], kv_cache[1]
         write_kv(k, v, key_cache, value_cache, meta.slot_mapping)
         out = attention(q, key_cache, value_cache, meta, self.scale, k, v)
@@ -92,14 +91,13 @@ class DecoderLayer(nn.Module):
     def forward(
         self,
         hidden: torch.Tensor,
-        positions: torch.Tensor,
-        rope: RotaryEmbedding,
+        rope: RopeTables,
         kv_cache: torch.Tensor,
         meta: AttentionMetadata,
         attention: AttentionFn,
     ) -> torch.Tensor:
         hidden = hidden + self.self_attn(
-            self.input_layernorm(hidden), positions, rope, kv_cache, meta, attention
+            self.input_layernorm(hidden), rope, kv_cache, meta, attention
         )
         return hidden + self.mlp(self.post_attention_layernorm(hidden))
 
@@ -130,8 +128,9 @@ class LlamaForCausalLM(nn.Module):
     ) -> torch.Tensor:
         """``kv_caches`` is ``[layers, 2, blocks, block_size, kv_heads, head_dim]``."""
         hidden = self.embed_tokens(input_ids)
+        rope = self.rope.tables(positions, hidden.dtype)
         for index, layer in enumerate(self.layers):
-            hidden = layer(hidden, positions, self.rope, kv_caches[index], meta, attention)
+            hidden = layer(hidden, rope, kv_caches[index], meta, attention)
         hidden = self.norm(hidden.index_select(0, logits_indices))
         return F.linear(hidden, self.lm_head_weight).float()
 

@@ -21,7 +21,9 @@ class AttentionMetadata:
     query_start_loc: torch.Tensor  # [num_seqs + 1] int32, on the compute device
     seq_lens: torch.Tensor  # [num_seqs] int32
     block_table: torch.Tensor  # [num_seqs, max_blocks_per_seq] int32, padded with 0
-    slot_mapping: torch.Tensor  # [num_tokens] int64: block_id * block_size + offset of each new token
+    slot_mapping: (
+        torch.Tensor
+    )  # [num_tokens] int64: block_id * block_size + offset of each new token
     query_lens_cpu: list[int]
     seq_lens_cpu: list[int]
     max_query_len: int

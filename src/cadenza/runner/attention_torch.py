@@ -17,9 +17,9 @@ from cadenza.runner.attention_metadata import AttentionMetadata
 def gather_kv(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> torch.Tensor:
     """Contiguous ``[batch, kv_heads, length, head_dim]`` view of paged cache rows."""
     num_blocks_needed = -(-length // cache.shape[1])
-    blocks = cache[block_table[:, :num_blocks_needed]]  # [B, nb, bs, kvh, d]
-    batch = blocks.shape[0]
-    flat = blocks.reshape(batch, -1, cache.shape[2], cache.shape[3])[:, :length]
+    ids = block_table[:, :num_blocks_needed].reshape(-1)
+    blocks = cache.index_select(0, ids)  # [B * nb, bs, kvh, d]
+    flat = blocks.view(block_table.shape[0], -1, cache.shape[2], cache.shape[3])[:, :length]
     return flat.transpose(1, 2)
 
 
@@ -42,7 +42,7 @@ def paged_attention_torch(
     decode_rows: list[int] = []
     decode_seqs: list[int] = []
     start = 0
-    for s, (q_len, ctx_len) in enumerate(zip(meta.query_lens_cpu, meta.seq_lens_cpu)):
+    for s, (q_len, ctx_len) in enumerate(zip(meta.query_lens_cpu, meta.seq_lens_cpu, strict=True)):
         if q_len == 1:
             decode_rows.append(start)
             decode_seqs.append(s)
@@ -52,17 +52,13 @@ def paged_attention_torch(
         if q_len == ctx_len and new_key is not None and new_value is not None:
             k = new_key[start : start + q_len].transpose(0, 1).unsqueeze(0)
             v = new_value[start : start + q_len].transpose(0, 1).unsqueeze(0)
-            o = F.scaled_dot_product_attention(
-                q, k, v, is_causal=True, scale=scale, enable_gqa=gqa
-            )
+            o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
         else:
             k = gather_kv(key_cache, meta.block_table[s : s + 1], ctx_len)
             v = gather_kv(value_cache, meta.block_table[s : s + 1], ctx_len)
             q_pos = torch.arange(ctx_len - q_len, ctx_len, device=query.device)
             mask = q_pos[:, None] >= torch.arange(ctx_len, device=query.device)[None, :]
-            o = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa
-            )
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
         out[start : start + q_len] = o[0].transpose(0, 1)
         start += q_len
     if decode_rows:

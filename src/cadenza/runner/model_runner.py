@@ -74,13 +74,19 @@ class ModelRunner:
         self.model.rope.to(dtype=torch.float32)
         self.attention = select_attention(config.attention_backend, self.device)
         self.num_blocks = config.cache.num_blocks or self._blocks_for_memory()
-        self.kv_caches = torch.zeros(self._kv_shape(self.num_blocks), dtype=self.dtype, device=self.device)
+        self.kv_caches = torch.zeros(
+            self._kv_shape(self.num_blocks), dtype=self.dtype, device=self.device
+        )
 
     def _kv_shape(self, num_blocks: int) -> tuple[int, ...]:
         c = self.model_config
         return (
-            c.num_hidden_layers, 2, num_blocks, self.block_size,
-            c.num_key_value_heads, c.resolved_head_dim,
+            c.num_hidden_layers,
+            2,
+            num_blocks,
+            self.block_size,
+            c.num_key_value_heads,
+            c.resolved_head_dim,
         )
 
     def bytes_per_block(self) -> int:
@@ -140,7 +146,7 @@ class ModelRunner:
             top = None
             wanted = request.sampling_params.logprobs
             if top_ids is not None and top_lps is not None and wanted:
-                top = list(zip(top_ids[i][:wanted], top_lps[i][:wanted]))
+                top = list(zip(top_ids[i][:wanted], top_lps[i][:wanted], strict=True))
             sampled[request.request_id] = SampledToken(tokens[i], logprobs[i], top)
         return sampled
 
@@ -157,9 +163,7 @@ class ModelRunner:
         starts = [0]
         for q in query_lens:
             starts.append(starts[-1] + q)
-        seq_index = torch.repeat_interleave(
-            torch.arange(len(query_lens)), torch.tensor(query_lens)
-        )
+        seq_index = torch.repeat_interleave(torch.arange(len(query_lens)), torch.tensor(query_lens))
         pos = torch.tensor(positions, dtype=torch.long)
         blocks = table[seq_index, pos // self.block_size].long()
         slots = blocks * self.block_size + pos % self.block_size
