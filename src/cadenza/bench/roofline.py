@@ -47,6 +47,16 @@ def prefill_shapes(config: ModelConfig, tokens: int) -> list[GemmShape]:
     ]
 
 
+def decode_shapes(config: ModelConfig, batch: int) -> list[GemmShape]:
+    """One decode step of ``batch`` sequences: every projection at ``m = batch`` plus the LM
+    head (attention over the short benchmark contexts is left out, so this is a floor)."""
+    shapes = [s for s in prefill_shapes(config, batch) if not s.name.startswith("attn_")]
+    for shape in shapes:
+        if shape.name == "lm_head":
+            shape.m = batch
+    return shapes
+
+
 def time_gemm(shape: GemmShape, repeats: int = 5) -> float:
     """Median seconds of one product of this shape (all its batch entries)."""
     a = torch.randn(shape.batch, shape.m, shape.k)
@@ -60,12 +70,14 @@ def time_gemm(shape: GemmShape, repeats: int = 5) -> float:
     return statistics.median(samples)
 
 
-def measure_roofline(config: ModelConfig, tokens: int) -> dict[str, float | list]:
-    """Seconds and FLOP/s of a GEMM-only prefill of ``tokens`` tokens."""
+def measure_roofline(
+    config: ModelConfig, tokens: int, shapes: list[GemmShape] | None = None
+) -> dict[str, float | list]:
+    """Seconds and FLOP/s of a GEMM-only forward pass (a ``tokens``-token prefill by default)."""
     rows = []
     total_s = 0.0
     total_flops = 0.0
-    for shape in prefill_shapes(config, tokens):
+    for shape in shapes or prefill_shapes(config, tokens):
         seconds = time_gemm(shape) * shape.count * shape.flop_fraction
         total_s += seconds
         total_flops += shape.flops

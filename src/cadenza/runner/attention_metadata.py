@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -29,6 +30,8 @@ class AttentionMetadata:
     max_query_len: int
     max_seq_len: int
     block_size: int
+    # Per-step state a backend derives once and reuses in every layer (e.g. Triton tile maps).
+    backend_state: dict[str, Any] = field(default_factory=dict)
 
     @property
     def num_seqs(self) -> int:

@@ -41,7 +41,11 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 def select_attention(name: str, device: torch.device) -> AttentionFn:
     if name == "torch" or (name == "auto" and device.type != "cuda"):
         return paged_attention_torch
-    from cadenza.runner.attention_triton import is_triton_available, paged_attention_triton
+    from cadenza.runner.attention_triton import (
+        build_tile_map,
+        is_triton_available,
+        paged_attention_triton,
+    )
 
     if not is_triton_available() or device.type != "cuda":
         if name == "triton":
@@ -49,7 +53,11 @@ def select_attention(name: str, device: torch.device) -> AttentionFn:
         return paged_attention_torch
 
     def triton_attention(q, key_cache, value_cache, meta, scale, new_key=None, new_value=None):
-        return paged_attention_triton(q, key_cache, value_cache, meta, scale)
+        group = q.shape[1] // key_cache.shape[2]
+        tile_map = meta.backend_state.get("triton_tile_map")
+        if tile_map is None:
+            tile_map = meta.backend_state["triton_tile_map"] = build_tile_map(meta, group)
+        return paged_attention_triton(q, key_cache, value_cache, meta, scale, tile_map)
 
     return triton_attention
 
