@@ -85,11 +85,13 @@ def _decode_batch(
     table = meta.block_table.index_select(0, seq_index)
     k = gather_kv(key_cache, table, max_len)  # [B, kvh, L, d]
     v = gather_kv(value_cache, table, max_len)
-    q = query.index_select(0, row_index).unsqueeze(2)  # [B, H, 1, d]
+    batch, num_kv_heads = k.shape[0], k.shape[1]
+    # One query token per sequence: the query heads sharing a kv head become that head's
+    # "query rows", so grouped-query attention needs no K/V expansion.
+    q = query.index_select(0, row_index).view(batch, num_kv_heads, -1, query.shape[-1])
     mask = None
     if min(lens_cpu) != max_len:
         lens = torch.tensor(lens_cpu, device=device)
         mask = (torch.arange(max_len, device=device)[None, :] < lens[:, None])[:, None, None, :]
-    gqa = query.shape[1] != key_cache.shape[2]
-    o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
-    out.index_copy_(0, row_index, o.squeeze(2))
+    o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    out.index_copy_(0, row_index, o.reshape(batch, -1, query.shape[-1]))
