@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -22,16 +22,16 @@ class AttentionMetadata:
     query_start_loc: torch.Tensor  # [num_seqs + 1] int32, on the compute device
     seq_lens: torch.Tensor  # [num_seqs] int32
     block_table: torch.Tensor  # [num_seqs, max_blocks_per_seq] int32, padded with 0
-    slot_mapping: (
-        torch.Tensor
-    )  # [num_tokens] int64: block_id * block_size + offset of each new token
+    # [num_tokens] int64: block_id * block_size + offset of each new token
+    slot_mapping: torch.Tensor
     query_lens_cpu: list[int]
     seq_lens_cpu: list[int]
     max_query_len: int
     max_seq_len: int
     block_size: int
-    # Per-step state a backend derives once and reuses in every layer (e.g. Triton tile maps).
-    backend_state: dict[str, Any] = field(default_factory=dict)
+    # What the attention backend derives once per step (index tensors, masks, tile maps) and
+    # reuses in every layer; set by ``AttentionBackend.prepare``.
+    plan: Any = None
 
     @property
     def num_seqs(self) -> int:

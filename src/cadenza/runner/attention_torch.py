@@ -4,14 +4,79 @@ Pensieve's multi-token attention: one call per layer over a ragged batch in whic
 sequence has its own query length, its own cached length and its own non-contiguous block
 table. Decodes (query length 1) are gathered and run as one padded batch; prefill chunks run
 one sequence at a time, with a plain causal kernel when nothing is cached before the chunk.
+Everything that depends only on the batch layout (index tensors, masks) is built once per step
+by :func:`prepare_torch_attention` and reused by every layer.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from cadenza.runner.attention_metadata import AttentionMetadata
+
+
+@dataclass
+class PrefillChunk:
+    seq: int
+    start: int  # first query row in the flat batch
+    query_len: int
+    context_len: int
+    # Causal mask offset by the cached length; None when nothing is cached before the chunk.
+    mask: torch.Tensor | None
+
+
+@dataclass
+class DecodeBatch:
+    rows: torch.Tensor  # query rows of the single-token sequences
+    block_table: torch.Tensor  # their block tables
+    max_len: int
+    mask: torch.Tensor | None  # [B, 1, 1, max_len] key padding mask; None if lengths agree
+
+
+@dataclass
+class TorchAttentionPlan:
+    prefills: list[PrefillChunk]
+    decode: DecodeBatch | None
+
+
+def prepare_torch_attention(meta: AttentionMetadata) -> TorchAttentionPlan:
+    device = meta.block_table.device
+    prefills: list[PrefillChunk] = []
+    decode_rows: list[int] = []
+    decode_seqs: list[int] = []
+    start = 0
+    for seq, (q_len, ctx_len) in enumerate(
+        zip(meta.query_lens_cpu, meta.seq_lens_cpu, strict=True)
+    ):
+        if q_len == 1:
+            decode_rows.append(start)
+            decode_seqs.append(seq)
+        else:
+            mask = None
+            if q_len != ctx_len:
+                q_pos = torch.arange(ctx_len - q_len, ctx_len, device=device)
+                mask = q_pos[:, None] >= torch.arange(ctx_len, device=device)[None, :]
+            prefills.append(PrefillChunk(seq, start, q_len, ctx_len, mask))
+        start += q_len
+    decode = None
+    if decode_rows:
+        lens_cpu = [meta.seq_lens_cpu[s] for s in decode_seqs]
+        max_len = max(lens_cpu)
+        mask = None
+        if min(lens_cpu) != max_len:
+            lens = torch.tensor(lens_cpu, device=device)
+            positions = torch.arange(max_len, device=device)
+            mask = (positions[None, :] < lens[:, None])[:, None, None, :]
+        decode = DecodeBatch(
+            rows=torch.tensor(decode_rows, device=device),
+            block_table=meta.block_table.index_select(0, torch.tensor(decode_seqs, device=device)),
+            max_len=max_len,
+            mask=mask,
+        )
+    return TorchAttentionPlan(prefills, decode)
 
 
 def gather_kv(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> torch.Tensor:
@@ -37,32 +102,33 @@ def paged_attention_torch(
     ``new_key``/``new_value`` (the step's own K/V, ``[T, kv_heads, head_dim]``) let a chunk with
     no cached history skip the gather from the paged cache.
     """
+    plan = meta.plan if isinstance(meta.plan, TorchAttentionPlan) else None
+    plan = plan or prepare_torch_attention(meta)
     out = torch.empty_like(query)
     gqa = query.shape[1] != key_cache.shape[2]
-    decode_rows: list[int] = []
-    decode_seqs: list[int] = []
-    start = 0
-    for s, (q_len, ctx_len) in enumerate(zip(meta.query_lens_cpu, meta.seq_lens_cpu, strict=True)):
-        if q_len == 1:
-            decode_rows.append(start)
-            decode_seqs.append(s)
-            start += q_len
-            continue
-        q = query[start : start + q_len].transpose(0, 1).unsqueeze(0)  # [1, H, q, d]
-        if q_len == ctx_len and new_key is not None and new_value is not None:
-            k = new_key[start : start + q_len].transpose(0, 1).unsqueeze(0)
-            v = new_value[start : start + q_len].transpose(0, 1).unsqueeze(0)
+    for chunk in plan.prefills:
+        rows = slice(chunk.start, chunk.start + chunk.query_len)
+        q = query[rows].transpose(0, 1).unsqueeze(0)  # [1, H, q, d]
+        if chunk.mask is None and new_key is not None and new_value is not None:
+            k = new_key[rows].transpose(0, 1).unsqueeze(0)
+            v = new_value[rows].transpose(0, 1).unsqueeze(0)
             o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
         else:
-            k = gather_kv(key_cache, meta.block_table[s : s + 1], ctx_len)
-            v = gather_kv(value_cache, meta.block_table[s : s + 1], ctx_len)
-            q_pos = torch.arange(ctx_len - q_len, ctx_len, device=query.device)
-            mask = q_pos[:, None] >= torch.arange(ctx_len, device=query.device)[None, :]
-            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
-        out[start : start + q_len] = o[0].transpose(0, 1)
-        start += q_len
-    if decode_rows:
-        _decode_batch(query, key_cache, value_cache, meta, scale, decode_rows, decode_seqs, out)
+            table = meta.block_table[chunk.seq : chunk.seq + 1]
+            k = gather_kv(key_cache, table, chunk.context_len)
+            v = gather_kv(value_cache, table, chunk.context_len)
+            o = F.scaled_dot_product_attention(
+                q,
+                k,
+                v,
+                attn_mask=chunk.mask,
+                is_causal=chunk.mask is None,
+                scale=scale,
+                enable_gqa=gqa,
+            )
+        out[rows] = o[0].transpose(0, 1)
+    if plan.decode is not None:
+        _decode_batch(query, key_cache, value_cache, plan.decode, scale, out)
     return out
 
 
@@ -70,28 +136,16 @@ def _decode_batch(
     query: torch.Tensor,
     key_cache: torch.Tensor,
     value_cache: torch.Tensor,
-    meta: AttentionMetadata,
+    decode: DecodeBatch,
     scale: float,
-    rows: list[int],
-    seqs: list[int],
     out: torch.Tensor,
 ) -> None:
     """All single-token queries of the step as one padded, length-masked attention call."""
-    device = query.device
-    row_index = torch.tensor(rows, device=device)
-    seq_index = torch.tensor(seqs, device=device)
-    lens_cpu = [meta.seq_lens_cpu[s] for s in seqs]
-    max_len = max(lens_cpu)
-    table = meta.block_table.index_select(0, seq_index)
-    k = gather_kv(key_cache, table, max_len)  # [B, kvh, L, d]
-    v = gather_kv(value_cache, table, max_len)
+    k = gather_kv(key_cache, decode.block_table, decode.max_len)  # [B, kvh, L, d]
+    v = gather_kv(value_cache, decode.block_table, decode.max_len)
     batch, num_kv_heads = k.shape[0], k.shape[1]
     # One query token per sequence: the query heads sharing a kv head become that head's
     # "query rows", so grouped-query attention needs no K/V expansion.
-    q = query.index_select(0, row_index).view(batch, num_kv_heads, -1, query.shape[-1])
-    mask = None
-    if min(lens_cpu) != max_len:
-        lens = torch.tensor(lens_cpu, device=device)
-        mask = (torch.arange(max_len, device=device)[None, :] < lens[:, None])[:, None, None, :]
-    o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
-    out.index_copy_(0, row_index, o.reshape(batch, -1, query.shape[-1]))
+    q = query.index_select(0, decode.rows).view(batch, num_kv_heads, -1, query.shape[-1])
+    o = F.scaled_dot_product_attention(q, k, v, attn_mask=decode.mask, scale=scale)
+    out.index_copy_(0, decode.rows, o.reshape(batch, -1, query.shape[-1]))

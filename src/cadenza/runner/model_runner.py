@@ -9,10 +9,10 @@ import torch
 from cadenza.config import EngineConfig
 from cadenza.core.kv_cache_manager import KVCacheManager
 from cadenza.core.scheduler import SchedulerOutput
-from cadenza.model.llama import AttentionFn, LlamaForCausalLM
+from cadenza.model.llama import LlamaForCausalLM
 from cadenza.model.source import ModelSource
+from cadenza.runner.attention_backend import select_attention
 from cadenza.runner.attention_metadata import AttentionMetadata
-from cadenza.runner.attention_torch import paged_attention_torch
 from cadenza.runner.sampler import SamplingBatch, sample
 
 
@@ -38,30 +38,6 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return dtypes[name]
 
 
-def select_attention(name: str, device: torch.device) -> AttentionFn:
-    if name == "torch" or (name == "auto" and device.type != "cuda"):
-        return paged_attention_torch
-    from cadenza.runner.attention_triton import (
-        build_tile_map,
-        is_triton_available,
-        paged_attention_triton,
-    )
-
-    if not is_triton_available() or device.type != "cuda":
-        if name == "triton":
-            raise ValueError("the triton attention backend needs CUDA and the triton package")
-        return paged_attention_torch
-
-    def triton_attention(q, key_cache, value_cache, meta, scale, new_key=None, new_value=None):
-        group = q.shape[1] // key_cache.shape[2]
-        tile_map = meta.backend_state.get("triton_tile_map")
-        if tile_map is None:
-            tile_map = meta.backend_state["triton_tile_map"] = build_tile_map(meta, group)
-        return paged_attention_triton(q, key_cache, value_cache, meta, scale, tile_map)
-
-    return triton_attention
-
-
 class ModelRunner:
     def __init__(self, source: ModelSource, config: EngineConfig, max_model_len: int) -> None:
         self.config = config
@@ -80,7 +56,8 @@ class ModelRunner:
         model.load_hf_state_dict(source.state_dict)
         self.model = model.to(device=self.device, dtype=self.dtype).eval()
         self.model.rope.to(dtype=torch.float32)
-        self.attention = select_attention(config.attention_backend, self.device)
+        group = source.config.num_attention_heads // source.config.num_key_value_heads
+        self.attention = select_attention(config.attention_backend, self.device, group)
         self.num_blocks = config.cache.num_blocks or self._blocks_for_memory()
         self.kv_caches = torch.zeros(
             self._kv_shape(self.num_blocks), dtype=self.dtype, device=self.device
@@ -134,7 +111,8 @@ class ModelRunner:
         ids = torch.tensor(input_ids, dtype=torch.long, device=device)
         pos = torch.tensor(positions, dtype=torch.long, device=device)
         rows = torch.tensor(logits_rows, dtype=torch.long, device=device)
-        logits = self.model(ids, pos, self.kv_caches, meta, rows, self.attention)
+        meta.plan = self.attention.prepare(meta)
+        logits = self.model(ids, pos, self.kv_caches, meta, rows, self.attention.forward)
         self.last_logits = logits  # rows in sampling order; read by the correctness tests
         if not sampling:
             return {}
