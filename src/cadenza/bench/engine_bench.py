@@ -76,7 +76,8 @@ class HFSide:
     def __init__(self, source) -> None:
         from cadenza.model.hf_reference import build_hf_model
 
-        self.model = build_hf_model(source.config, source.state_dict)
+        # transformers' own default attention (SDPA): what a user of it would get.
+        self.model = build_hf_model(source.config, source.state_dict, attn_implementation="sdpa")
         self.pad = source.config.eos_token_ids[0]
 
     @torch.inference_mode()
@@ -179,8 +180,9 @@ def write_report(result: dict, out_dir: Path) -> None:
         f"# Engine benchmark: {result['model']}",
         "",
         f"Command: `cadenza bench engine` · {m['processor']} · torch {m['torch']} · "
-        f"{m['threads']} threads · float32 · medians of {s['repeats']} runs. Same process, same "
-        "weights, same thread count for both engines.",
+        f"{m['threads']} threads · float32 · medians of {s['repeats']} interleaved runs. Same "
+        "process, same weights, same thread count for both engines; transformers uses its "
+        "default SDPA attention.",
         "",
         f"## Prefill ({p['tokens']}-token prompt)",
         "",
