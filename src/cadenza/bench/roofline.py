@@ -7,7 +7,6 @@ the time a perfect engine, doing nothing but those GEMMs, would need.
 
 from __future__ import annotations
 
-import statistics
 import time
 from dataclasses import dataclass
 
@@ -57,8 +56,12 @@ def decode_shapes(config: ModelConfig, batch: int) -> list[GemmShape]:
     return shapes
 
 
-def time_gemm(shape: GemmShape, repeats: int = 5) -> float:
-    """Median seconds of one product of this shape (all its batch entries)."""
+def time_gemm(shape: GemmShape, repeats: int = 9) -> float:
+    """Fastest seconds of one product of this shape (all its batch entries).
+
+    A roofline is a best case, so it takes the fastest repeat: on a shared machine the median
+    mixes in other processes' load and can end up slower than the engine it bounds.
+    """
     a = torch.randn(shape.batch, shape.m, shape.k)
     b = torch.randn(shape.batch, shape.k, shape.n)
     torch.matmul(a, b)
@@ -67,7 +70,7 @@ def time_gemm(shape: GemmShape, repeats: int = 5) -> float:
         start = time.perf_counter()
         torch.matmul(a, b)
         samples.append(time.perf_counter() - start)
-    return statistics.median(samples)
+    return min(samples)
 
 
 def measure_roofline(
