@@ -58,13 +58,16 @@ def test_pool_lru_lazy_eviction_and_verification():
     assert pool.lookup(b"k0", SEED, (1, 2)) is blocks[0]
     assert pool.lookup(b"k0", SEED, (1, 9)) is None
     assert pool.lookup(b"k1", b"zz", (3, 4)) is None
-    # Reallocation evicts in free order: blocks[1] (the tail) first.
+    # Empty blocks go first; then cached ones are evicted in free order: the tail first.
+    (empty,) = pool.allocate(1)
+    assert empty is blocks[2]
+    assert pool.lookup(b"k1", b"k0", (3, 4)) is blocks[1]
     (first,) = pool.allocate(1)
     assert first is blocks[1]
     assert pool.lookup(b"k1", b"k0", (3, 4)) is None
     assert pool.lookup(b"k0", SEED, (1, 2)) is blocks[0]
     pool.touch([blocks[0]])
-    assert blocks[0].ref_cnt == 1 and pool.num_free_blocks == 1
+    assert blocks[0].ref_cnt == 1 and pool.num_free_blocks == 0
 
 
 def test_pool_refuses_double_free():
@@ -85,8 +88,8 @@ def test_manager_prefix_hit_shares_blocks_and_keeps_one_token_to_compute():
     second = make_request("b", list(range(1, 13)))
     hits = kv.find_cached_prefix(second)
     assert len(hits) == 2  # the last block holds the token that must be recomputed
-    assert kv.can_allocate(second, 4, hits)
-    kv.allocate(second, 4, hits)
+    assert kv.can_allocate(second, 12, hits)
+    kv.allocate(second, 12, hits)
     assert kv.blocks_of("b")[:2] == kv.blocks_of("a")[:2]
     assert all(b.ref_cnt == 2 for b in kv.blocks_of("a")[:2])
     salted = make_request("c", list(range(1, 13)), salt="other-tenant")

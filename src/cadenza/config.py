@@ -78,6 +78,28 @@ class CacheConfig:
     enable_prefix_caching: bool = True
     # Fraction of blocks admission keeps free for running decodes.
     admission_reserve_fraction: float = 0.10
+    # Tiers below the device (Pensieve): host RAM and a disk directory. 0 disables a tier;
+    # ``host_num_blocks`` / ``disk_num_blocks`` size them in blocks instead (tests).
+    kv_host_gib: float = 0.0
+    host_num_blocks: int | None = None
+    kv_disk_gib: float = 0.0
+    disk_num_blocks: int | None = None
+    kv_disk_path: str | None = None
+    kv_eviction_policy: Literal["cost", "lru"] = "cost"
+    # Ahead-of-time copy to host when fewer than this fraction of device blocks are empty.
+    kv_offload_threshold: float = 0.25
+    # Retention pins may hold at most this fraction of device blocks.
+    kv_pin_cap_fraction: float = 0.20
+    # Write finished session turns through to disk (so KV survives a restart).
+    kv_disk_write_through: bool = True
+
+    @property
+    def host_enabled(self) -> bool:
+        return bool(self.host_num_blocks) or self.kv_host_gib > 0
+
+    @property
+    def disk_enabled(self) -> bool:
+        return bool(self.disk_num_blocks) or self.kv_disk_gib > 0
 
     def __post_init__(self) -> None:
         if self.block_size <= 0:
@@ -86,6 +108,16 @@ class CacheConfig:
             raise ValueError("num_blocks must be positive")
         if not 0.0 <= self.admission_reserve_fraction < 1.0:
             raise ValueError("admission_reserve_fraction must be in [0, 1)")
+        if self.kv_host_gib < 0 or self.kv_disk_gib < 0:
+            raise ValueError("kv_host_gib and kv_disk_gib must not be negative")
+        if self.disk_enabled and not self.kv_disk_path:
+            raise ValueError("a disk KV tier needs kv_disk_path (e.g. --kv-disk-path ./kv)")
+        if self.kv_eviction_policy not in ("cost", "lru"):
+            raise ValueError(
+                f"kv_eviction_policy must be 'cost' or 'lru'; got {self.kv_eviction_policy!r}"
+            )
+        if not 0.0 <= self.kv_offload_threshold < 1.0 or not 0.0 <= self.kv_pin_cap_fraction <= 1:
+            raise ValueError("kv_offload_threshold and kv_pin_cap_fraction must be fractions")
 
 
 @dataclass(frozen=True)
@@ -118,3 +150,8 @@ class EngineConfig:
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     attention_backend: Literal["auto", "torch", "triton"] = "auto"
+    # The durable conversation store (SQLite); None keeps it in memory.
+    session_store_path: str | None = None
+    # Recompute cost profile for cost-aware eviction: "profile" measures this engine at start,
+    # "linear" uses a fixed shape (fast start for tests).
+    kv_cost_model: Literal["profile", "linear"] = "profile"

@@ -42,6 +42,17 @@ class LLM:
         scheduling_policy: str = "fcfs",
         attention_backend: str = "auto",
         num_threads: int | None = None,
+        kv_host_gib: float = 0.0,
+        kv_disk_gib: float = 0.0,
+        kv_disk_path: str | None = None,
+        host_num_blocks: int | None = None,
+        disk_num_blocks: int | None = None,
+        kv_eviction_policy: str = "cost",
+        kv_offload_threshold: float = 0.25,
+        kv_pin_cap_fraction: float = 0.20,
+        kv_disk_write_through: bool = True,
+        kv_cost_model: str = "profile",
+        session_store_path: str | None = None,
     ) -> None:
         config = EngineConfig(
             model=model,
@@ -55,6 +66,15 @@ class LLM:
                 num_blocks=num_kv_blocks,
                 kv_cache_memory_gib=kv_cache_memory_gib,
                 enable_prefix_caching=enable_prefix_caching,
+                kv_host_gib=kv_host_gib,
+                kv_disk_gib=kv_disk_gib,
+                kv_disk_path=kv_disk_path,
+                host_num_blocks=host_num_blocks,
+                disk_num_blocks=disk_num_blocks,
+                kv_eviction_policy=kv_eviction_policy,  # type: ignore[arg-type]
+                kv_offload_threshold=kv_offload_threshold,
+                kv_pin_cap_fraction=kv_pin_cap_fraction,
+                kv_disk_write_through=kv_disk_write_through,
             ),
             scheduler=SchedulerConfig(
                 max_num_batched_tokens=max_num_batched_tokens,
@@ -63,6 +83,8 @@ class LLM:
                 policy=scheduling_policy,  # type: ignore[arg-type]
             ),
             attention_backend=attention_backend,  # type: ignore[arg-type]
+            session_store_path=session_store_path,
+            kv_cost_model=kv_cost_model,  # type: ignore[arg-type]
         )
         self.engine = LLMEngine(config, source)
         self._counter = 0
@@ -110,8 +132,31 @@ class LLM:
         *,
         add_generation_prompt: bool = True,
         cache_salt: str | None = None,
+        session_id: str | None = None,
+        retention: dict[str, Any] | None = None,
     ) -> list[RequestOutput]:
-        """Apply the model's chat template to one conversation or a list of them."""
+        """Apply the model's chat template to one conversation or a list of them.
+
+        With ``session_id``, ``messages`` are only the *new* messages of the session's next
+        turn: the engine runs the session's stored exact token history plus the template delta,
+        so the previous turns' KV is reused wherever it lives (device, host or disk). The first
+        turn of a new session passes its opening messages (system prompt included).
+        ``retention={"ttl_s": 30}`` keeps the session's KV pinned on the device after the turn.
+        """
+        if session_id is not None:
+            if not _is_conversation(messages):
+                raise ValueError("with session_id, pass one list of new messages")
+            params = sampling_params if isinstance(sampling_params, SamplingParams) else None
+            if sampling_params is not None and params is None:
+                raise ValueError("with session_id, pass one SamplingParams")
+            rid = self.engine.add_turn(
+                session_id,
+                messages,  # type: ignore[arg-type]
+                params,
+                tenant=cache_salt or "",
+                retention=retention,
+            )
+            return self._run([rid])
         conversations = [messages] if _is_conversation(messages) else list(messages)
         tokenizer = self.get_tokenizer()
         prompts = [
@@ -122,6 +167,28 @@ class LLM:
 
     def reset_prefix_cache(self) -> bool:
         return self.engine.reset_prefix_cache()
+
+    def hint(
+        self, session_id: str, expected_arrival_s: float | None = None, *, tenant: str = ""
+    ) -> dict[str, int]:
+        """Tell the engine the session's next turn is coming; its KV moves towards the device."""
+        return self.engine.hint(session_id, expected_arrival_s, tenant=tenant)
+
+    def end_session(self, session_id: str, *, delete: bool = False) -> bool:
+        return self.engine.end_session(session_id, delete=delete)
+
+    def session_messages(self, session_id: str) -> list[dict[str, Any]]:
+        """The session's completed turns as chat messages (from the durable store)."""
+        return self.engine.store.messages(session_id)
+
+    def close(self) -> None:
+        self.engine.close()
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def _run(self, request_ids: list[str]) -> list[RequestOutput]:
         pending = set(request_ids)

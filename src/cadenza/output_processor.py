@@ -141,6 +141,9 @@ class OutputProcessor:
             finished=finished,
             num_cached_tokens=max(request.num_cached_tokens, 0),
             metrics=dict(state.metrics),
+            cached_tokens_by_tier=dict(request.cached_by_tier),
+            num_redundant_tokens=request.num_redundant_tokens,
+            session_id=request.session_id,
         )
 
     def drop(self, request_id: str) -> None:

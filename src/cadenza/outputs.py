@@ -42,3 +42,9 @@ class RequestOutput:
     finished: bool
     num_cached_tokens: int = 0
     metrics: dict[str, float] = field(default_factory=dict)
+    # Where the cached prompt tokens were found when the request was admitted
+    # ("device", "host", "disk"), and prompt tokens computed again although this session had
+    # computed them in an earlier turn.
+    cached_tokens_by_tier: dict[str, int] = field(default_factory=dict)
+    num_redundant_tokens: int = 0
+    session_id: str | None = None

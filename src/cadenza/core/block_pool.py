@@ -1,16 +1,19 @@
-"""A fixed pool of KV blocks with reference counts, a content index and lazy LRU eviction.
+"""A fixed pool of KV blocks with reference counts, a content index and lazy eviction.
 
 A block whose last reference is dropped keeps its content key and stays findable until the
-space is needed again: it sits in the free queue (least recently freed first) and is evicted
-from the index only when ``allocate`` hands it out again.
+space is needed again: ``allocate`` hands out empty blocks first and only then evicts cached
+ones, in the order the eviction policy ranks them (LRU, or Pensieve's cost-aware value).
+Eviction is lazy: a cached block is forgotten only at the moment it is reallocated.
 """
 
 from __future__ import annotations
 
+import time
 from collections import OrderedDict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
+from cadenza.core.eviction import EvictionPolicy, LRUEviction
 from cadenza.core.hashing import BlockHash
 
 
@@ -22,25 +25,50 @@ class KVBlock:
     block_hash: BlockHash | None = None
     parent_hash: BlockHash | None = None
     token_ids: tuple[int, ...] | None = None
+    # Retention bookkeeping: where the block sits in its sequence, when a request last let go
+    # of it, and until when a retention TTL pins it.
+    position: int = 0
+    num_tokens: int = 0
+    last_access: float = 0.0
+    pin_until: float = 0.0
 
 
 class BlockPool:
-    def __init__(self, num_blocks: int) -> None:
+    def __init__(
+        self,
+        num_blocks: int,
+        policy: EvictionPolicy | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         if num_blocks <= 0:
             raise ValueError("a block pool needs at least one block")
         self.num_blocks = num_blocks
+        self.clock = clock
+        self.policy = policy or LRUEviction(clock)
         self.blocks = [KVBlock(i) for i in range(num_blocks)]
-        self._free: OrderedDict[int, KVBlock] = OrderedDict((b.block_id, b) for b in self.blocks)
+        self._empty: OrderedDict[int, KVBlock] = OrderedDict((b.block_id, b) for b in self.blocks)
+        # Unreferenced blocks that still hold findable content, least recently freed first.
+        self._cached_free: OrderedDict[int, KVBlock] = OrderedDict()
         self._index: dict[BlockHash, KVBlock] = {}
         self.num_evictions = 0
+        # Called with each cached block just before its content is forgotten.
+        self.on_evict: Callable[[KVBlock], None] | None = None
 
     @property
     def num_free_blocks(self) -> int:
-        return len(self._free)
+        return len(self._empty) + len(self._cached_free)
+
+    @property
+    def num_empty_blocks(self) -> int:
+        return len(self._empty)
 
     @property
     def num_cached_blocks(self) -> int:
         return len(self._index)
+
+    def cached_free_blocks(self) -> list[KVBlock]:
+        """Unreferenced cached blocks, least recently freed first."""
+        return list(self._cached_free.values())
 
     def usage(self) -> float:
         return 1.0 - self.num_free_blocks / self.num_blocks
@@ -54,37 +82,55 @@ class BlockPool:
             return None
         return block
 
+    def get(self, block_hash: BlockHash) -> KVBlock | None:
+        return self._index.get(block_hash)
+
     def touch(self, blocks: Iterable[KVBlock]) -> None:
-        """Take a reference on cached blocks (reviving them from the free queue if needed)."""
+        """Take a reference on cached blocks (reviving them from the free queues if needed)."""
         for block in blocks:
             if block.ref_cnt == 0:
-                del self._free[block.block_id]
+                self._cached_free.pop(block.block_id, None)
+                self._empty.pop(block.block_id, None)
             block.ref_cnt += 1
 
     def can_allocate(self, num_blocks: int) -> bool:
-        return num_blocks <= len(self._free)
+        return num_blocks <= self.num_free_blocks
 
     def allocate(self, num_blocks: int) -> list[KVBlock]:
-        """Fresh blocks from the LRU end of the free queue; check ``can_allocate`` first."""
+        """Fresh blocks: empty ones first, then cached ones in eviction order; check
+        ``can_allocate`` first."""
         if not self.can_allocate(num_blocks):
-            raise RuntimeError(f"asked for {num_blocks} blocks, {len(self._free)} free")
+            raise RuntimeError(f"asked for {num_blocks} blocks, {self.num_free_blocks} free")
         out = []
-        for _ in range(num_blocks):
-            _, block = self._free.popitem(last=False)
-            self._evict(block)
+        while self._empty and len(out) < num_blocks:
+            out.append(self._empty.popitem(last=False)[1])
+        if len(out) < num_blocks:
+            victims = self.policy.choose(self._cached_free.values(), num_blocks - len(out))
+            for block in victims:
+                del self._cached_free[block.block_id]
+                self._evict(block)
+                out.append(block)
+        for block in out:
             block.ref_cnt = 1
-            out.append(block)
+            block.pin_until = 0.0
         return out
 
-    def free(self, blocks: Iterable[KVBlock]) -> None:
-        """Drop one reference each; blocks reaching zero join the free queue in the given order
-        (callers pass a request's blocks tail first, so its tail is evicted before its prefix)."""
+    def free(self, blocks: Iterable[KVBlock], *, accessed: bool = True) -> None:
+        """Drop one reference each; blocks reaching zero join the free queues in the given order
+        (callers pass a request's blocks tail first, so under LRU its tail goes before its
+        prefix). ``accessed=False`` (a copy job letting go) leaves the last-access time alone."""
+        now = self.clock()
         for block in blocks:
             block.ref_cnt -= 1
             if block.ref_cnt < 0:
                 raise RuntimeError(f"block {block.block_id} freed more often than referenced")
+            if accessed:
+                block.last_access = now
             if block.ref_cnt == 0:
-                self._free[block.block_id] = block
+                if block.block_hash is None:
+                    self._empty[block.block_id] = block
+                else:
+                    self._cached_free[block.block_id] = block
 
     def register(
         self,
@@ -92,27 +138,46 @@ class BlockPool:
         block_hash: BlockHash,
         parent_hash: BlockHash,
         token_ids: Sequence[int],
-    ) -> None:
-        """Make a full block findable by content; a key already indexed keeps its first block."""
+        position: int = 0,
+    ) -> bool:
+        """Make a full block findable by content; a key already indexed keeps its first block.
+        Returns whether the block was registered."""
         if block.block_hash is not None or block_hash in self._index:
-            return
+            return False
         block.block_hash = block_hash
         block.parent_hash = parent_hash
         block.token_ids = tuple(token_ids)
+        block.position = position
+        block.num_tokens = len(block.token_ids)
+        block.last_access = self.clock()
         self._index[block_hash] = block
+        if block.ref_cnt == 0:
+            self._empty.pop(block.block_id, None)
+            self._cached_free[block.block_id] = block
+        return True
+
+    def drop(self, block: KVBlock) -> None:
+        """Forget an unreferenced cached block now (for example: it failed verification)."""
+        if block.ref_cnt == 0 and block.block_id in self._cached_free:
+            del self._cached_free[block.block_id]
+            self._evict(block)
+            self._empty[block.block_id] = block
 
     def reset_index(self) -> bool:
         """Forget every cached key; refused (False) while any block is still referenced."""
-        if len(self._free) != self.num_blocks:
+        if self.num_free_blocks != self.num_blocks:
             return False
-        for block in self.blocks:
-            self._evict(block)
+        for block in list(self._cached_free.values()):
+            self.drop(block)
         return True
 
     def _evict(self, block: KVBlock) -> None:
         if block.block_hash is None:
             return
         if self._index.get(block.block_hash) is block:
+            if self.on_evict is not None:
+                self.on_evict(block)
             del self._index[block.block_hash]
             self.num_evictions += 1
         block.block_hash = block.parent_hash = block.token_ids = None
+        block.pin_until = 0.0

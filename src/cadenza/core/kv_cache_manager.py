@@ -1,16 +1,63 @@
-"""Maps requests to KV blocks: prefix lookup, slot allocation, caching of full blocks, freeing."""
+"""Maps requests to KV blocks: prefix lookup across tiers, slot allocation, caching of full
+blocks, freeing.
+
+A returning request's context is ``[dropped | lower tier | device | new]`` (Pensieve): the
+leading blocks may have been evicted while later ones survived, because eviction drops a
+conversation's leading chunks first. ``locate_prefix`` finds the first run of blocks that are
+still held somewhere; the leading hole before it is recomputed in the same pass as the new tokens
+(the request's counter skips over the run), and lower-tier blocks are fetched before admission.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 from cadenza.core.block_pool import BlockPool, KVBlock
+from cadenza.core.eviction import EvictionPolicy
 from cadenza.core.request import Request
+from cadenza.core.transfer import Tier
+
+
+class TierLocator:
+    """What the manager asks about tiers below the device (``TierManager`` implements it)."""
+
+    def locate(self, key: bytes, parent: bytes, token_ids: list[int]) -> Tier | None:
+        raise NotImplementedError
+
+
+@dataclass
+class PrefixLocation:
+    """Where a request's cached prefix lives: blocks ``[0, leading)`` are gone (recompute),
+    blocks ``[leading, leading + len(tiers))`` are held in ``tiers`` (device blocks in
+    ``device``, ``None`` where not on the device)."""
+
+    leading: int = 0
+    tiers: list[Tier] = field(default_factory=list)
+    device: list[KVBlock | None] = field(default_factory=list)
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.tiers)
+
+    def count(self, tier: Tier) -> int:
+        return sum(1 for t in self.tiers if t == tier)
+
+    @property
+    def all_on_device(self) -> bool:
+        return all(t == Tier.DEVICE for t in self.tiers)
 
 
 class KVCacheManager:
-    def __init__(self, num_blocks: int, block_size: int, enable_caching: bool = True) -> None:
+    def __init__(
+        self,
+        num_blocks: int,
+        block_size: int,
+        enable_caching: bool = True,
+        policy: EvictionPolicy | None = None,
+    ) -> None:
         self.block_size = block_size
         self.enable_caching = enable_caching
-        self.pool = BlockPool(num_blocks)
+        self.pool = BlockPool(num_blocks, policy) if policy else BlockPool(num_blocks)
         self._blocks: dict[str, list[KVBlock]] = {}
         # How many of a request's leading blocks are registered in the content index.
         self._num_registered: dict[str, int] = {}
@@ -27,34 +74,59 @@ class KVCacheManager:
     def block_ids_of(self, request_id: str) -> list[int]:
         return [b.block_id for b in self._blocks.get(request_id, ())]
 
-    def find_cached_prefix(self, request: Request) -> list[KVBlock]:
-        """The longest verified run of cached blocks at the start of the request.
+    def _block_tokens(self, request: Request, i: int) -> list[int]:
+        return request.all_token_ids[i * self.block_size : (i + 1) * self.block_size]
+
+    def locate_prefix(self, request: Request, lower: TierLocator | None = None) -> PrefixLocation:
+        """The first run of the request's blocks held in any tier, after any leading hole.
 
         At least one token is always left to compute, since the step that computes it is the
         one that produces the logits for the next token.
         """
+        loc = PrefixLocation()
         if not self.enable_caching:
-            return []
-        max_blocks = (request.num_tokens - 1) // self.block_size
+            return loc
+        max_blocks = min((request.num_tokens - 1) // self.block_size, len(request.block_hashes))
+        for i in range(max_blocks):
+            key = request.block_hashes[i]
+            parent = request.block_hashes[i - 1] if i else request.hash_seed
+            tokens = self._block_tokens(request, i)
+            block = self.pool.lookup(key, parent, tokens)
+            tier = Tier.DEVICE if block is not None else None
+            if tier is None and lower is not None:
+                tier = lower.locate(key, parent, tokens)
+            if tier is None:
+                if loc.tiers:
+                    break
+                loc.leading = i + 1
+                continue
+            loc.tiers.append(tier)
+            loc.device.append(block)
+        if not loc.tiers:
+            loc.leading = 0
+        return loc
+
+    def find_cached_prefix(self, request: Request) -> list[KVBlock]:
+        """The longest verified run of device blocks at the very start of the request."""
+        loc = self.locate_prefix(request)
         hits: list[KVBlock] = []
-        parent = request.hash_seed
-        for i in range(min(max_blocks, len(request.block_hashes))):
-            tokens = request.all_token_ids[i * self.block_size : (i + 1) * self.block_size]
-            block = self.pool.lookup(request.block_hashes[i], parent, tokens)
-            if block is None:
-                break
-            hits.append(block)
-            parent = request.block_hashes[i]
+        if loc.leading == 0:
+            for block in loc.device:
+                if block is None:
+                    break
+                hits.append(block)
         self.prefix_queries += request.num_tokens
         self.prefix_hits += len(hits) * self.block_size
         return hits
 
     def _num_new_blocks(
-        self, request: Request, num_new_tokens: int, cached: list[KVBlock]
+        self, request: Request, end: int, cached: list[KVBlock], leading: int
     ) -> tuple[int, int]:
-        held = len(self._blocks.get(request.request_id, ())) + len(cached)
-        total = request.num_computed_tokens + len(cached) * self.block_size + num_new_tokens
-        need = max(0, -(-total // self.block_size) - held)
+        """Fresh blocks needed so tokens ``[0, end)`` have slots, and cached blocks revived."""
+        held = len(self._blocks.get(request.request_id, ()))
+        total = -(-end // self.block_size)
+        fresh_prefix = leading + max(0, total - leading - len(cached))
+        need = max(0, total - held) if held else fresh_prefix
         # Cached blocks nobody references sit in the free queue; taking them uses free space.
         revived = sum(1 for b in cached if b.ref_cnt == 0)
         return need, revived
@@ -62,48 +134,65 @@ class KVCacheManager:
     def can_allocate(
         self,
         request: Request,
-        num_new_tokens: int,
+        end: int,
         cached: list[KVBlock] | None = None,
         reserve_blocks: int = 0,
+        leading: int = 0,
     ) -> bool:
-        need, revived = self._num_new_blocks(request, num_new_tokens, cached or [])
+        """Whether slots for tokens ``[0, end)`` fit (with ``cached`` blocks placed after
+        ``leading`` fresh ones, for a request not yet holding blocks)."""
+        need, revived = self._num_new_blocks(request, end, cached or [], leading)
         return need + revived + reserve_blocks <= self.pool.num_free_blocks
 
     def allocate(
-        self, request: Request, num_new_tokens: int, cached: list[KVBlock] | None = None
+        self,
+        request: Request,
+        end: int,
+        cached: list[KVBlock] | None = None,
+        leading: int = 0,
     ) -> None:
-        """Attach ``cached`` prefix blocks and enough new blocks for ``num_new_tokens`` more
-        tokens; check ``can_allocate`` first."""
+        """Give the request slots for tokens ``[0, end)``: ``leading`` fresh blocks, then the
+        ``cached`` ones, then fresh ones; check ``can_allocate`` first."""
         cached = cached or []
-        need, _ = self._num_new_blocks(request, num_new_tokens, cached)
+        need, _ = self._num_new_blocks(request, end, cached, leading)
         if cached:
             self.pool.touch(cached)
+        fresh = self.pool.allocate(need)
         blocks = self._blocks.setdefault(request.request_id, [])
         if not blocks:
-            self._num_registered[request.request_id] = len(cached)
-        blocks.extend(cached)
-        blocks.extend(self.pool.allocate(need))
+            self._num_registered[request.request_id] = 0 if leading else len(cached)
+            blocks.extend(fresh[:leading])
+            blocks.extend(cached)
+            blocks.extend(fresh[leading:])
+        else:
+            blocks.extend(fresh)
 
-    def register_full_blocks(self, request: Request) -> None:
-        """Index every block whose tokens all have computed KV."""
+    def register_full_blocks(self, request: Request) -> list[KVBlock]:
+        """Index every block whose tokens all have computed KV; returns the newly indexed."""
         if not self.enable_caching:
-            return
+            return []
         blocks = self._blocks.get(request.request_id)
         if not blocks:
-            return
+            return []
         done = self._num_registered[request.request_id]
         full = min(request.num_computed_tokens // self.block_size, len(request.block_hashes))
+        added = []
         for i in range(done, full):
             parent = request.block_hashes[i - 1] if i else request.hash_seed
-            tokens = request.all_token_ids[i * self.block_size : (i + 1) * self.block_size]
-            self.pool.register(blocks[i], request.block_hashes[i], parent, tokens)
+            tokens = self._block_tokens(request, i)
+            key = request.block_hashes[i]
+            if self.pool.register(blocks[i], key, parent, tokens, i * self.block_size):
+                added.append(blocks[i])
         self._num_registered[request.request_id] = max(done, full)
+        return added
 
-    def free(self, request: Request) -> None:
-        """Release the request's blocks, tail first, so its prefix outlives its tail."""
+    def free(self, request: Request) -> list[KVBlock]:
+        """Release the request's blocks, tail first, so its prefix outlives its tail; returns
+        them in sequence order."""
         blocks = self._blocks.pop(request.request_id, [])
         self._num_registered.pop(request.request_id, None)
         self.pool.free(reversed(blocks))
+        return blocks
 
     def reset_prefix_cache(self) -> bool:
         return self.pool.reset_index()

@@ -52,6 +52,22 @@ class Request:
     block_hashes: list[BlockHash] = field(default_factory=list)
     stop_reason: int | str | None = None
 
+    # Sessions: the turn's session, and how many leading tokens that session had already
+    # computed in earlier turns (recomputing any of them is redundant prefill).
+    session_id: str | None = None
+    num_history_tokens: int = 0
+    num_redundant_tokens: int = 0
+    # Leading hole: when the counter reaches ``skip_from`` it jumps to ``skip_to`` (the blocks
+    # in between were found cached after the hole was recomputed).
+    skip_from: int = 0
+    skip_to: int = 0
+    # Prompt tokens found cached at admission, by tier ("device", "host", "disk").
+    cached_by_tier: dict[str, int] = field(default_factory=dict)
+    num_recomputed_tokens: int = 0
+    fetch_tried: bool = False
+    # Keep this turn's KV pinned on the device for this long after it finishes.
+    retention_ttl_s: float = 0.0
+
     def __post_init__(self) -> None:
         self.all_token_ids = list(self.prompt_token_ids)
         extend_block_hashes(self.block_hashes, self.all_token_ids, self.block_size, self.hash_seed)
@@ -71,6 +87,28 @@ class Request:
     @property
     def is_finished(self) -> bool:
         return self.status.is_finished
+
+    def segments(self, num_new: int) -> list[tuple[int, int]]:
+        """The token ranges the next ``num_new`` tokens cover, jumping over a skipped run."""
+        start = self.num_computed_tokens
+        if self.skip_to > self.skip_from >= start:
+            first = min(num_new, self.skip_from - start)
+            rest = min(num_new - first, self.num_tokens - self.skip_to)
+            out = [(start, start + first)] if first else []
+            if rest > 0:
+                out.append((self.skip_to, self.skip_to + rest))
+            return out
+        return [(start, start + min(num_new, self.num_tokens - start))]
+
+    def advance(self, segments: list[tuple[int, int]]) -> None:
+        """Mark the segments computed (and count history tokens computed again)."""
+        for start, end in segments:
+            self.num_redundant_tokens += max(0, min(end, self.num_history_tokens) - start)
+        self.num_computed_tokens = segments[-1][1]
+        if self.skip_to > self.skip_from and self.num_computed_tokens >= self.skip_from:
+            if self.num_computed_tokens == self.skip_from:
+                self.num_computed_tokens = self.skip_to
+            self.skip_from = self.skip_to = 0
 
     def append_output_token(self, token_id: int) -> None:
         self.output_token_ids.append(token_id)

@@ -3,9 +3,14 @@
 Each step first serves running requests (their decode token or their next prefill chunk),
 preempting the newest running request whenever blocks run out, then admits waiting requests in
 FCFS (or priority) order while the budget, the sequence cap and the admission reserve allow.
-Prefill chunks and decodes share one batch. Preemption recomputes: the victim's blocks are
-freed, its counter resets, and on re-admission its prefix is found again in the cache if it
-survived.
+Prefill chunks and decodes share one batch.
+
+With tiers attached, a waiting request whose cached prefix sits on host or disk first gets a
+fetch job and waits for it (other requests are admitted meanwhile); a request whose leading
+blocks were dropped recomputes them in the same pass as its new tokens. Preemption swaps the
+victim's computed blocks out to a lower tier before freeing them, so on re-admission its prefix
+is found again (on the device if it survived there, else on host or disk); without tiers it is
+recomputed.
 """
 
 from __future__ import annotations
@@ -14,16 +19,25 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from cadenza.config import CacheConfig, SchedulerConfig
-from cadenza.core.kv_cache_manager import KVCacheManager
+from cadenza.core.eviction import EvictionPolicy
+from cadenza.core.kv_cache_manager import KVCacheManager, PrefixLocation
 from cadenza.core.request import Request, RequestStatus
+from cadenza.core.tiering import TierManager
+from cadenza.core.transfer import Tier
 
 
 @dataclass
 class ScheduledChunk:
     request: Request
-    num_tokens: int
+    # Token ranges computed this step: one, or two when a leading hole is recomputed in the
+    # same pass as the tokens after the cached run.
+    segments: list[tuple[int, int]]
     # Whether this chunk reaches the end of the token list, so the step samples a token.
     samples: bool
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(end - start for start, end in self.segments)
 
 
 @dataclass
@@ -46,11 +60,13 @@ class Scheduler:
         scheduler_config: SchedulerConfig,
         cache_config: CacheConfig,
         num_blocks: int,
+        policy: EvictionPolicy | None = None,
     ) -> None:
         self.config = scheduler_config
         self.kv = KVCacheManager(
-            num_blocks, cache_config.block_size, cache_config.enable_prefix_caching
+            num_blocks, cache_config.block_size, cache_config.enable_prefix_caching, policy
         )
+        self.tiers: TierManager | None = None
         self.reserve_blocks = int(num_blocks * cache_config.admission_reserve_fraction)
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
@@ -80,7 +96,14 @@ class Scheduler:
         elif request in self.waiting:
             self.waiting.remove(request)
         request.status = status
-        self.kv.free(request)
+        blocks = self.kv.free(request)
+        if self.tiers is not None:
+            self.tiers.release_held(request_id)
+            if request.session_id is not None and status != RequestStatus.FINISHED_ABORTED:
+                kept = [b for b in blocks if b.block_hash is not None]
+                self.tiers.persist(kept)
+                if request.retention_ttl_s > 0:
+                    self.tiers.pin(kept, self.tiers.clock() + request.retention_ttl_s)
         return request
 
     def has_unfinished_requests(self) -> bool:
@@ -96,8 +119,10 @@ class Scheduler:
                 break
             if request.status != RequestStatus.RUNNING:
                 continue  # preempted earlier in this loop
-            num_new = self._chunk_size(request, request.num_computed_tokens, budget)
-            while not self.kv.can_allocate(request, num_new):
+            num_new = self._chunk_size(request, budget)
+            segments = request.segments(num_new)
+            end = segments[-1][1]
+            while not self.kv.can_allocate(request, end):
                 victim = max(self.running, key=lambda r: (r.priority, r.arrival_time))
                 self._preempt(victim)
                 out.preempted.append(victim)
@@ -109,8 +134,8 @@ class Scheduler:
                     break
             if request.status != RequestStatus.RUNNING:
                 continue
-            self.kv.allocate(request, num_new)
-            chunk = self._chunk(request, num_new)
+            self.kv.allocate(request, end)
+            chunk = self._chunk(request, segments)
             scheduled[request.request_id] = chunk
             out.chunks.append(chunk)
             budget -= num_new
@@ -119,46 +144,100 @@ class Scheduler:
         return out
 
     def _admit(self, out: SchedulerOutput, budget: int) -> None:
-        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
-            request = self._next_waiting()
-            cached = self.kv.find_cached_prefix(request)
-            num_cached = len(cached) * self.kv.block_size
-            remaining = request.num_tokens - num_cached
+        for request in self._waiting_in_order():
+            if budget <= 0 or len(self.running) >= self.config.max_num_seqs:
+                break
+            if self.tiers is not None and self.tiers.is_fetching(request.request_id):
+                continue  # its KV is on the way up; others may go first
+            loc = self.kv.locate_prefix(request, self.tiers)
+            if not request.cached_by_tier and loc.num_blocks:
+                for tier in Tier:
+                    request.cached_by_tier[tier.value] = loc.count(tier) * self.kv.block_size
+            if not loc.all_on_device and self._start_fetch(request, loc):
+                continue
+            cached = []
+            for block in loc.device:
+                if block is None:
+                    break  # not fetched: recompute from here
+                cached.append(block)
+            leading = loc.leading if cached else 0
+            request.num_computed_tokens = 0 if leading else len(cached) * self.kv.block_size
+            request.skip_from = request.skip_to = 0
+            if leading:
+                request.skip_from = leading * self.kv.block_size
+                request.skip_to = (leading + len(cached)) * self.kv.block_size
+            remaining = request.num_tokens - (request.skip_to - request.skip_from)
+            remaining -= request.num_computed_tokens
             if not self.config.enable_chunked_prefill and remaining > budget:
                 break
-            num_new = self._chunk_size(request, num_cached, budget)
-            if not self.kv.can_allocate(request, num_new, cached, self.reserve_blocks):
+            num_new = self._chunk_size(request, budget)
+            segments = request.segments(num_new)
+            end = max(segments[-1][1], request.skip_to)
+            if not self.kv.can_allocate(request, end, cached, self.reserve_blocks, leading):
+                request.num_computed_tokens = 0
+                request.skip_from = request.skip_to = 0
                 break
             self.waiting.remove(request)
-            self.kv.allocate(request, num_new, cached)
-            request.num_computed_tokens = num_cached
+            self.kv.allocate(request, end, cached, leading)
+            if self.tiers is not None:
+                self.tiers.release_held(request.request_id)
             if request.num_cached_tokens < 0:
-                request.num_cached_tokens = num_cached
+                request.num_cached_tokens = len(cached) * self.kv.block_size
+                request.num_recomputed_tokens = leading * self.kv.block_size
             request.status = RequestStatus.RUNNING
             self.running.append(request)
-            out.chunks.append(self._chunk(request, num_new))
+            out.chunks.append(self._chunk(request, segments))
             budget -= num_new
 
-    def _next_waiting(self) -> Request:
-        if self.config.policy == "priority":
-            return min(self.waiting, key=lambda r: (r.priority, r.arrival_time))
-        return self.waiting[0]
+    def _start_fetch(self, request: Request, loc: PrefixLocation) -> bool:
+        """Fetch the lower-tier blocks of the located run, once; True if the request waits."""
+        if self.tiers is None or request.fetch_tried:
+            return False
+        request.fetch_tried = True
+        wanted = []
+        for offset, tier in enumerate(loc.tiers):
+            if tier == Tier.DEVICE:
+                continue
+            i = loc.leading + offset
+            parent = request.block_hashes[i - 1] if i else request.hash_seed
+            size = self.kv.block_size
+            tokens = tuple(request.all_token_ids[i * size : (i + 1) * size])
+            wanted.append((request.block_hashes[i], parent, tokens, i * self.kv.block_size, tier))
+        # Hold the run's device blocks so the fetch (or anyone) cannot evict them meanwhile.
+        self.tiers.hold(request.request_id, [b for b in loc.device if b is not None])
+        room = self.kv.pool.num_free_blocks - self.reserve_blocks
+        wanted = wanted[: max(0, room)]
+        if self.tiers.fetch(request.request_id, wanted) is None:
+            self.tiers.release_held(request.request_id)
+            return False
+        return True
 
-    def _chunk_size(self, request: Request, num_computed: int, budget: int) -> int:
-        num_new = min(request.num_tokens - num_computed, budget)
+    def _waiting_in_order(self) -> list[Request]:
+        if self.config.policy == "priority":
+            return sorted(self.waiting, key=lambda r: (r.priority, r.arrival_time))
+        return list(self.waiting)
+
+    def _chunk_size(self, request: Request, budget: int) -> int:
+        remaining = request.num_tokens - request.num_computed_tokens
+        remaining -= request.skip_to - request.skip_from
+        num_new = min(remaining, budget)
         if self.config.long_prefill_token_threshold > 0:
             num_new = min(num_new, self.config.long_prefill_token_threshold)
         return num_new
 
-    def _chunk(self, request: Request, num_new: int) -> ScheduledChunk:
-        samples = request.num_computed_tokens + num_new == request.num_tokens
-        return ScheduledChunk(request, num_new, samples)
+    def _chunk(self, request: Request, segments: list[tuple[int, int]]) -> ScheduledChunk:
+        return ScheduledChunk(request, segments, segments[-1][1] == request.num_tokens)
 
     def _preempt(self, request: Request) -> None:
         self.running.remove(request)
+        if self.tiers is not None:
+            self.kv.register_full_blocks(request)
+            self.tiers.offload_now(self.kv.blocks_of(request.request_id))
         self.kv.free(request)
         request.status = RequestStatus.PREEMPTED
         request.num_computed_tokens = 0
+        request.skip_from = request.skip_to = 0
+        request.fetch_tried = False
         request.num_preemptions += 1
         self.num_preemptions += 1
         self.waiting.appendleft(request)
@@ -174,7 +253,7 @@ class Scheduler:
             request = chunk.request
             if request.is_finished or request.request_id not in self.requests:
                 continue  # aborted while the step ran
-            request.num_computed_tokens += chunk.num_tokens
+            request.advance(chunk.segments)
             if chunk.samples:
                 request.append_output_token(sampled[request.request_id])
             self.kv.register_full_blocks(request)

@@ -96,13 +96,15 @@ class ModelRunner:
         sampling = []
         for chunk in out.chunks:
             request = chunk.request
-            start = request.num_computed_tokens
-            end = start + chunk.num_tokens
-            input_ids.extend(request.all_token_ids[start:end])
-            positions.extend(range(start, end))
-            query_lens.append(chunk.num_tokens)
-            seq_lens.append(end)
-            tables.append(kv.block_ids_of(request.request_id))
+            table = kv.block_ids_of(request.request_id)
+            # A recomputed leading hole is its own attention row over the same block table; the
+            # row after it reads the hole's KV, which this layer writes before attending.
+            for start, end in chunk.segments:
+                input_ids.extend(request.all_token_ids[start:end])
+                positions.extend(range(start, end))
+                query_lens.append(end - start)
+                seq_lens.append(end)
+                tables.append(table)
             if chunk.samples:
                 logits_rows.append(len(input_ids) - 1)
                 sampling.append(request)
@@ -164,3 +166,45 @@ class ModelRunner:
             max_seq_len=max(seq_lens),
             block_size=self.block_size,
         )
+
+
+def profile_chunk_costs(
+    runner: ModelRunner, starts: list[int], max_model_len: int, repeats: int = 2
+) -> list[tuple[int, float]]:
+    """Seconds to compute one 32-token chunk that starts at each position, keyed by the
+    chunk's end position (Pensieve's ``Cost(l)``). Runs before anything is cached, so the
+    scratch KV it writes is never read as anyone's prefix."""
+    import time
+
+    from cadenza.core.eviction import CHUNK_TOKENS
+    from cadenza.core.request import Request
+    from cadenza.core.sampling_params import SamplingParams
+    from cadenza.core.scheduler import ScheduledChunk
+
+    kv = KVCacheManager(runner.num_blocks, runner.block_size, enable_caching=False)
+    vocab = runner.model_config.vocab_size
+    points: list[tuple[int, float]] = []
+    for start in starts:
+        end = start + CHUNK_TOKENS
+        if end >= max_model_len or -(-end // runner.block_size) > runner.num_blocks:
+            break
+        request = Request(
+            request_id="cost-profile",
+            prompt_token_ids=[(7 * i + 3) % vocab for i in range(end)],
+            sampling_params=SamplingParams(max_tokens=1),
+            eos_token_ids=(),
+            block_size=runner.block_size,
+            hash_seed=b"",
+            max_total_tokens=end + 1,
+        )
+        request.num_computed_tokens = start
+        kv.allocate(request, end)
+        step = SchedulerOutput(chunks=[ScheduledChunk(request, [(start, end)], True)])
+        best = float("inf")
+        for _ in range(repeats + 1):  # the first run warms up
+            t0 = time.perf_counter()
+            runner.execute(step, kv)
+            best = min(best, time.perf_counter() - t0)
+        kv.free(request)
+        points.append((end, best))
+    return points

@@ -1,0 +1,400 @@
+"""Where a KV block lives below the device, and when it moves (Pensieve, FastSwitch).
+
+Torch-free bookkeeping for the host and disk tiers. The device tier is the engine's
+``BlockPool``; the host tier is a fixed number of RAM slots indexed by block key; the disk tier is
+a directory of content-addressed files (``kvstore.disk_tier``). The tier manager decides:
+
+* **fetch** — a returning turn (or a hint) whose blocks are on host or disk gets fresh device
+  blocks, and one job copies them in; the turn waits for it, then finds device hits;
+* **ahead-of-time offload** — when fewer than 25% of device blocks are empty, the lowest-valued
+  cached blocks without a lower copy are copied to host in the background; the device copy stays
+  usable until its block is reallocated (lazy reclaim);
+* **swap preemption** — a preempted request's blocks are copied out before they are freed;
+* **persist** — finished turns are written through to disk, and host entries evicted to make
+  room are spilled there, so a block leaves the hierarchy only when the disk is full too;
+* **pins** — retention TTLs and hints pin device blocks, capped at a fraction of the pool.
+
+A block whose host copy is still valid is never copied out again: everything is keyed by content.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from cadenza.core.block_pool import BlockPool, KVBlock
+from cadenza.core.eviction import EvictionPolicy
+from cadenza.core.hashing import BlockHash
+from cadenza.core.transfer import JobKind, Tier, TransferExecutor, TransferItem, TransferJob
+
+
+class DiskIndex(Protocol):
+    def __contains__(self, key: BlockHash) -> bool: ...
+
+
+@dataclass(eq=False)
+class HostEntry:
+    key: BlockHash
+    parent: BlockHash
+    token_ids: tuple[int, ...]
+    slot: int
+    position: int
+    num_tokens: int
+    last_access: float
+    pin_until: float = 0.0
+    busy: int = 0  # queued jobs reading this slot
+
+
+class HostIndex:
+    """Host RAM slots by block key, evicted by the same policy as the device pool."""
+
+    def __init__(self, num_slots: int, policy: EvictionPolicy) -> None:
+        self.num_slots = num_slots
+        self.policy = policy
+        self.entries: dict[BlockHash, HostEntry] = {}
+        self._free_slots = list(range(num_slots - 1, -1, -1))
+
+    def __contains__(self, key: BlockHash) -> bool:
+        return key in self.entries
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def lookup(
+        self, key: BlockHash, parent: BlockHash, token_ids: Sequence[int]
+    ) -> HostEntry | None:
+        entry = self.entries.get(key)
+        if entry is None or entry.parent != parent or entry.token_ids != tuple(token_ids):
+            return None
+        return entry
+
+    def reserve(self, n: int) -> tuple[list[int], list[HostEntry]]:
+        """Up to ``n`` slots, evicting idle entries by policy; returns the slots and the entries
+        evicted from them (the caller spills those before overwriting)."""
+        slots = [self._free_slots.pop() for _ in range(min(n, len(self._free_slots)))]
+        evicted: list[HostEntry] = []
+        if len(slots) < n:
+            idle = (e for e in self.entries.values() if e.busy == 0)
+            for entry in self.policy.choose(idle, n - len(slots)):
+                del self.entries[entry.key]
+                evicted.append(entry)
+                slots.append(entry.slot)
+        return slots, evicted
+
+    def add(self, entry: HostEntry) -> None:
+        self.entries[entry.key] = entry
+
+    def release(self, slot: int) -> None:
+        self._free_slots.append(slot)
+
+
+@dataclass
+class TierStats:
+    fetch_jobs: int = 0
+    fetched_blocks: dict[str, int] = field(default_factory=lambda: {"host": 0, "disk": 0})
+    failed_fetches: int = 0
+    offloaded_blocks: int = 0
+    persisted_blocks: int = 0
+    swap_in_bytes: int = 0
+    swap_in_seconds: float = 0.0
+    swap_out_bytes: int = 0
+    swap_out_seconds: float = 0.0
+    disk_write_bytes: int = 0
+    disk_write_seconds: float = 0.0
+    dropped_blocks: int = 0  # evicted from device with no lower copy: recompute if needed
+
+
+@dataclass
+class _Pending:
+    job: TransferJob
+    device_blocks: list[KVBlock]
+    host_entries: list[HostEntry]
+    host_slots: list[int]
+
+
+class TierManager:
+    def __init__(
+        self,
+        pool: BlockPool,
+        *,
+        host_slots: int,
+        disk: DiskIndex | None,
+        executor: TransferExecutor,
+        policy: EvictionPolicy,
+        clock: Callable[[], float],
+        aot_threshold: float = 0.25,
+        pin_cap_fraction: float = 0.20,
+        write_through: bool = True,
+        max_job_blocks: int = 256,
+    ) -> None:
+        self.pool = pool
+        self.host = HostIndex(host_slots, policy) if host_slots > 0 else None
+        self.disk = disk
+        self.executor = executor
+        self.policy = policy
+        self.clock = clock
+        self.aot_threshold = aot_threshold
+        self.pin_cap = int(pool.num_blocks * pin_cap_fraction)
+        self.write_through = write_through and disk is not None
+        self.max_job_blocks = max_job_blocks
+        self.stats = TierStats()
+        self._pending: dict[int, _Pending] = {}
+        # Fetched device blocks held for the request that waits for them, until it is admitted.
+        self._held: dict[str, list[KVBlock]] = {}
+        self._fetching: set[str] = set()
+        self._offload_in_flight = 0
+        pool.on_evict = self._on_device_evict
+
+    # ------------------------------------------------------------------------- lookup
+    def locate(self, key: BlockHash, parent: BlockHash, token_ids: Sequence[int]) -> Tier | None:
+        """The fastest tier below the device holding this block, if any."""
+        if self.host is not None and self.host.lookup(key, parent, token_ids) is not None:
+            return Tier.HOST
+        if self.disk is not None and key in self.disk:
+            return Tier.DISK  # verified against parent and tokens when the file is read
+        return None
+
+    def has_lower_copy(self, key: BlockHash) -> bool:
+        return (self.host is not None and key in self.host) or (
+            self.disk is not None and key in self.disk
+        )
+
+    def is_fetching(self, owner: str) -> bool:
+        return owner in self._fetching
+
+    @property
+    def num_pending_jobs(self) -> int:
+        return len(self._pending)
+
+    # ------------------------------------------------------------------------- fetch
+    def fetch(
+        self,
+        owner: str,
+        wanted: Sequence[tuple[BlockHash, BlockHash, tuple[int, ...], int, Tier]],
+        *,
+        pin_until: float = 0.0,
+    ) -> TransferJob | None:
+        """Copy ``(key, parent, tokens, position, tier)`` blocks to fresh device blocks; the caller
+        checked that the pool can give ``len(wanted)`` blocks."""
+        if not wanted:
+            return None
+        blocks = self.pool.allocate(len(wanted))
+        items: list[TransferItem] = []
+        busy: list[HostEntry] = []
+        for (key, parent, tokens, position, tier), block in zip(wanted, blocks, strict=True):
+            slot = -1
+            if tier == Tier.HOST:
+                assert self.host is not None
+                entry = self.host.entries[key]
+                entry.busy += 1
+                busy.append(entry)
+                slot = entry.slot
+            items.append(
+                TransferItem(key, parent, tokens, position, tier, slot, Tier.DEVICE, block.block_id)
+            )
+        job = TransferJob(JobKind.FETCH, items, owner=owner, pin_until=pin_until)
+        self._pending[job.job_id] = _Pending(job, blocks, busy, [])
+        self._fetching.add(owner)
+        self.stats.fetch_jobs += 1
+        self.executor.submit(job)
+        return job
+
+    def hold(self, owner: str, blocks: list[KVBlock]) -> None:
+        """Take references on device blocks on ``owner``'s behalf until it is admitted."""
+        self.pool.touch(blocks)
+        self._held.setdefault(owner, []).extend(blocks)
+
+    def take_held(self, owner: str) -> list[KVBlock]:
+        """Blocks fetched for ``owner``; the caller now owns their references."""
+        return self._held.pop(owner, [])
+
+    def release_held(self, owner: str) -> None:
+        self.pool.free(self.take_held(owner), accessed=False)
+
+    # ---------------------------------------------------------------------- copies out
+    def maintain(self) -> None:
+        """Ahead-of-time offload when the device runs short of empty blocks."""
+        if self.host is None or self._offload_in_flight:
+            return
+        target = int(self.aot_threshold * self.pool.num_blocks)
+        if self.pool.num_empty_blocks >= target:
+            return
+        candidates = [b for b in self.pool.cached_free_blocks() if b.block_hash is not None]
+        covered = sum(1 for b in candidates if self.has_lower_copy(b.block_hash))  # type: ignore[arg-type]
+        shortfall = target - self.pool.num_empty_blocks - covered
+        if shortfall <= 0:
+            return
+        uncopied = [b for b in candidates if not self.has_lower_copy(b.block_hash)]  # type: ignore[arg-type]
+        chosen = self.policy.choose(uncopied, min(shortfall, self.max_job_blocks))
+        job = self._copy_out(chosen, JobKind.OFFLOAD)
+        if job is not None:
+            self._offload_in_flight += 1
+            self.executor.submit(job)
+
+    def offload_now(self, blocks: Iterable[KVBlock]) -> None:
+        """Swap preemption: copy registered blocks without a lower copy out, synchronously."""
+        chosen = [
+            b for b in blocks if b.block_hash is not None and not self.has_lower_copy(b.block_hash)
+        ]
+        if self.host is None and self.disk is None:
+            return
+        kind = JobKind.OFFLOAD if self.host is not None else JobKind.PERSIST
+        job = self._copy_out(chosen, kind)
+        if job is not None:
+            job.owner = "preempt"
+            self.executor.run_now(job)
+            self._apply(job)
+
+    def persist(self, blocks: Iterable[KVBlock]) -> None:
+        """Write-through: registered blocks not yet on disk go there in the background."""
+        if not self.write_through:
+            return
+        assert self.disk is not None
+        chosen = [b for b in blocks if b.block_hash is not None and b.block_hash not in self.disk]
+        for start in range(0, len(chosen), self.max_job_blocks):
+            job = self._copy_out(chosen[start : start + self.max_job_blocks], JobKind.PERSIST)
+            if job is not None:
+                self.executor.submit(job)
+
+    def _copy_out(self, blocks: list[KVBlock], kind: JobKind) -> TransferJob | None:
+        if not blocks or (kind == JobKind.OFFLOAD and self.host is None):
+            return None
+        items: list[TransferItem] = []
+        busy: list[HostEntry] = []
+        slots: list[int] = []
+        if kind == JobKind.OFFLOAD:
+            assert self.host is not None
+            slots, evicted = self.host.reserve(len(blocks))
+            blocks = blocks[: len(slots)]
+            for entry in evicted:
+                if self.disk is not None and entry.key not in self.disk:
+                    # Spill first: the same job overwrites this slot right after.
+                    items.append(self._item(entry, Tier.HOST, entry.slot, Tier.DISK, -1))
+                else:
+                    self.stats.dropped_blocks += self.disk is None
+        for i, block in enumerate(blocks):
+            dst, slot = (Tier.HOST, slots[i]) if kind == JobKind.OFFLOAD else (Tier.DISK, -1)
+            items.append(self._item(block, Tier.DEVICE, block.block_id, dst, slot))
+        if not items:
+            return None
+        self.pool.touch(blocks)
+        job = TransferJob(kind, items)
+        self._pending[job.job_id] = _Pending(job, list(blocks), busy, slots)
+        return job
+
+    @staticmethod
+    def _item(
+        src_obj: KVBlock | HostEntry, src: Tier, src_slot: int, dst: Tier, dst_slot: int
+    ) -> TransferItem:
+        if isinstance(src_obj, KVBlock):
+            key, parent, tokens = src_obj.block_hash, src_obj.parent_hash, src_obj.token_ids
+        else:
+            key, parent, tokens = src_obj.key, src_obj.parent, src_obj.token_ids
+        assert key is not None and parent is not None and tokens is not None
+        return TransferItem(key, parent, tokens, src_obj.position, src, src_slot, dst, dst_slot)
+
+    # ----------------------------------------------------------------------- completion
+    def poll(self, wait_s: float = 0.0) -> list[TransferJob]:
+        """Apply finished jobs (waiting up to ``wait_s`` for one); returns them."""
+        done = self.executor.wait(wait_s) if wait_s > 0 else self.executor.poll()
+        for job in done:
+            self._apply(job)
+        return done
+
+    def _apply(self, job: TransferJob) -> None:
+        pending = self._pending.pop(job.job_id, None)
+        if pending is None:
+            return
+        for entry in pending.host_entries:
+            entry.busy -= 1
+        if job.kind == JobKind.FETCH:
+            self._apply_fetch(job, pending.device_blocks)
+            return
+        by_block = {b.block_id: b for b in pending.device_blocks}
+        used_slots = set()
+        for item in job.items:
+            if item.dst == Tier.DISK:
+                self.stats.persisted_blocks += item.ok
+                continue
+            used_slots.add(item.dst_slot)
+            block = by_block[item.src_slot]
+            if item.ok and self.host is not None:
+                self.stats.offloaded_blocks += 1
+                self.host.add(
+                    HostEntry(
+                        item.key,
+                        item.parent,
+                        item.token_ids,
+                        item.dst_slot,
+                        block.position,
+                        block.num_tokens,
+                        block.last_access,
+                    )
+                )
+            elif self.host is not None:
+                self.host.release(item.dst_slot)
+        if self.host is not None:
+            for slot in pending.host_slots:
+                if slot not in used_slots:
+                    self.host.release(slot)
+        if job.kind == JobKind.OFFLOAD:
+            self._offload_in_flight = max(0, self._offload_in_flight - (job.owner is None))
+            self.stats.swap_out_bytes += job.bytes_moved
+            self.stats.swap_out_seconds += job.seconds
+        else:
+            self.stats.disk_write_bytes += job.bytes_moved
+            self.stats.disk_write_seconds += job.seconds
+        self.pool.free(pending.device_blocks, accessed=False)
+
+    def _apply_fetch(self, job: TransferJob, blocks: list[KVBlock]) -> None:
+        owner = job.owner or ""
+        self._fetching.discard(owner)
+        self.stats.swap_in_bytes += job.bytes_moved
+        self.stats.swap_in_seconds += job.seconds
+        kept: list[KVBlock] = []
+        unused: list[KVBlock] = []
+        now = self.clock()
+        for item, block in zip(job.items, blocks, strict=True):
+            if item.ok and self.pool.register(
+                block, item.key, item.parent, item.token_ids, item.position
+            ):
+                self.stats.fetched_blocks[item.src.value] += 1
+                block.last_access = now
+                kept.append(block)
+            else:
+                self.stats.failed_fetches += not item.ok
+                unused.append(block)
+        self.pool.free(unused, accessed=False)
+        if owner.startswith("hint:"):
+            self.pool.free(kept, accessed=False)
+            self.pin(kept, job.pin_until)
+        else:
+            self._held.setdefault(owner, []).extend(kept)
+
+    def _on_device_evict(self, block: KVBlock) -> None:
+        if block.block_hash is not None and not self.has_lower_copy(block.block_hash):
+            self.stats.dropped_blocks += 1
+
+    # ------------------------------------------------------------------------- pins
+    def num_pinned(self) -> int:
+        now = self.clock()
+        return sum(1 for b in self.pool.blocks if b.pin_until > now and b.block_hash is not None)
+
+    def pin(self, blocks: Sequence[KVBlock], until: float) -> int:
+        """Pin device blocks until ``until``, latest blocks first, within the cap; returns how
+        many are pinned."""
+        now = self.clock()
+        room = self.pin_cap - self.num_pinned()
+        pinned = 0
+        for block in reversed(blocks):
+            if block.block_hash is None:
+                continue
+            if block.pin_until > now:
+                block.pin_until = max(block.pin_until, until)
+                pinned += 1
+            elif room > 0:
+                block.pin_until = until
+                room -= 1
+                pinned += 1
+        return pinned

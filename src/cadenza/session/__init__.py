@@ -1,0 +1,1 @@
+"""Durable sessions: the conversation store that lets any cached KV be dropped and rebuilt."""
