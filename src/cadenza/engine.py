@@ -108,11 +108,14 @@ class LLMEngine:
         )
         return tiers, swap, disk
 
+    def flush(self) -> None:
+        """Wait for every queued KV copy (write-through to disk included) to land."""
+        while self.tiers.num_pending_jobs:
+            self.tiers.poll(wait_s=0.05)
+
     def close(self) -> None:
         """Finish background copies and close the store (the engine is unusable after)."""
-        while self.swap.pending():
-            self.tiers.poll(wait_s=0.1)
-        self.tiers.poll()
+        self.flush()
         self.swap.close()
         self.store.close()
 

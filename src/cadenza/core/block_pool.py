@@ -51,7 +51,10 @@ class BlockPool:
         self._cached_free: OrderedDict[int, KVBlock] = OrderedDict()
         self._index: dict[BlockHash, KVBlock] = {}
         self.num_evictions = 0
-        # Called with each cached block just before its content is forgotten.
+        # Called with the cached blocks about to be reallocated, while their content is still
+        # intact (the tier manager copies out any that have no lower copy), then with each
+        # block just before its content is forgotten.
+        self.before_evict: Callable[[list[KVBlock]], None] | None = None
         self.on_evict: Callable[[KVBlock], None] | None = None
 
     @property
@@ -106,6 +109,8 @@ class BlockPool:
             out.append(self._empty.popitem(last=False)[1])
         if len(out) < num_blocks:
             victims = self.policy.choose(self._cached_free.values(), num_blocks - len(out))
+            if self.before_evict is not None:
+                self.before_evict(victims)
             for block in victims:
                 del self._cached_free[block.block_id]
                 self._evict(block)

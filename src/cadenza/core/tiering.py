@@ -144,6 +144,7 @@ class TierManager:
         self._held: dict[str, list[KVBlock]] = {}
         self._fetching: set[str] = set()
         self._offload_in_flight = 0
+        pool.before_evict = self.offload_now
         pool.on_evict = self._on_device_evict
 
     # ------------------------------------------------------------------------- lookup
@@ -233,7 +234,8 @@ class TierManager:
             self.executor.submit(job)
 
     def offload_now(self, blocks: Iterable[KVBlock]) -> None:
-        """Swap preemption: copy registered blocks without a lower copy out, synchronously."""
+        """Copy registered blocks without a lower copy out, synchronously: for swap preemption,
+        and for eviction when the ahead-of-time copy has not kept up."""
         chosen = [
             b for b in blocks if b.block_hash is not None and not self.has_lower_copy(b.block_hash)
         ]
