@@ -31,7 +31,8 @@ CHILD = textwrap.dedent(
     llm = build_llm({store!r}, {disk!r})
     for turn in range(2):
         for c in range(3):
-            llm.chat([{{"role": "user", "content": QUESTIONS[turn][c]}}], PARAMS, session_id=f"c{{c}}")
+            msg = [{{"role": "user", "content": QUESTIONS[turn][c]}}]
+            llm.chat(msg, PARAMS, session_id=f"c{{c}}")
     llm.engine.flush()
     llm.engine.add_turn("c0", [{{"role": "user", "content": "a long one"}}],
                         SamplingParams(max_tokens=400, ignore_eos=True))
@@ -116,8 +117,8 @@ def test_sigkill_mid_turn_then_restart_continues_every_conversation(tmp_path):
                 msg = [{"role": "user", "content": QUESTIONS[turn][c]}]
                 fresh.chat(msg, PARAMS, session_id=f"c{c}")
         expected = [
-            fresh.chat([{"role": "user", "content": QUESTIONS[2][c]}], PARAMS, session_id=f"c{c}")[0]
-            for c in range(3)
+            fresh.chat([{"role": "user", "content": q}], PARAMS, session_id=f"c{c}")[0]
+            for c, q in enumerate(QUESTIONS[2])
         ]
     assert [o.outputs[0].token_ids for o in continued] == [
         o.outputs[0].token_ids for o in expected
