@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import signal
+import struct
 import subprocess
 import sys
 import textwrap
@@ -92,8 +93,11 @@ def test_sigkill_mid_turn_then_restart_continues_every_conversation(tmp_path):
     assert "killing mid-turn" in child.stdout
 
     files = sorted(Path(disk).rglob("*.kv"))
-    assert files, "write-through left nothing on disk"
-    victim = files[len(files) // 2]
+    # Full blocks are prefixes of every later turn, so each one is read again after restart
+    # (a partial tail block may have been superseded by the next turn's).
+    full = [f for f in files if struct.unpack_from("<I", f.read_bytes(), 72)[0] == 16]
+    assert full, "write-through left nothing on disk"
+    victim = full[len(full) // 2]
     data = bytearray(victim.read_bytes())
     data[-100] ^= 0xFF  # flip a payload byte: the checksum must catch it
     victim.write_bytes(bytes(data))

@@ -105,6 +105,7 @@ class LLMEngine:
             aot_threshold=cache.kv_offload_threshold,
             pin_cap_fraction=cache.kv_pin_cap_fraction,
             write_through=cache.kv_disk_write_through,
+            block_size=cache.block_size,
         )
         return tiers, swap, disk
 

@@ -168,6 +168,11 @@ class BlockPool:
             self._evict(block)
             self._empty[block.block_id] = block
 
+    def unregister(self, block: KVBlock) -> None:
+        """Forget a referenced block's key (its owner is about to change its content)."""
+        if block.ref_cnt > 0:
+            self._evict(block)
+
     def reset_index(self) -> bool:
         """Forget every cached key; refused (False) while any block is still referenced."""
         if self.num_free_blocks != self.num_blocks:

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 from cadenza.core.block_pool import BlockPool, KVBlock
 from cadenza.core.eviction import EvictionPolicy
+from cadenza.core.hashing import hash_block
 from cadenza.core.request import Request
 from cadenza.core.transfer import Tier
 
@@ -119,6 +120,49 @@ class KVCacheManager:
         self.prefix_hits += len(hits) * self.block_size
         return hits
 
+    def find_tail(
+        self, request: Request, num_full: int, held: list[KVBlock] | None = None
+    ) -> KVBlock | None:
+        """A session's partially filled last block from its previous turn, if it is still on
+        the device, unreferenced, and holds exactly the tokens that follow ``num_full`` full
+        blocks (so the turn continues in it instead of recomputing up to 15 tokens)."""
+        address = self.tail_address(request, num_full)
+        if address is None:
+            return None
+        block = self.pool.lookup(*address[:3])
+        if block is None:
+            return None
+        # Nobody else may be using it: unreferenced, or held only for this request.
+        mine = sum(1 for b in held or () if b is block)
+        return block if block.ref_cnt == mine else None
+
+    def tail_address(
+        self, request: Request, num_full: int
+    ) -> tuple[bytes, bytes, tuple[int, ...], int] | None:
+        """``(key, parent, tokens, position)`` of the partial tail after ``num_full`` blocks."""
+        size = self.block_size
+        tail = request.num_history_tokens - num_full * size
+        if not self.enable_caching or not 0 < tail < size:
+            return None
+        parent = request.block_hashes[num_full - 1] if num_full else request.hash_seed
+        tokens = tuple(request.all_token_ids[num_full * size : num_full * size + tail])
+        return hash_block(parent, tokens), parent, tokens, num_full * size
+
+    def register_tail(self, request: Request) -> None:
+        """Index the request's partially filled last block under a partial-block key (a hash
+        over fewer tokens can never match a full block), for the session's next turn."""
+        blocks = self._blocks.get(request.request_id)
+        size = self.block_size
+        num_full, tail = divmod(request.num_computed_tokens, size)
+        if not self.enable_caching or not blocks or not tail or num_full >= len(blocks):
+            return
+        block = blocks[num_full]
+        if block.block_hash is not None:
+            return
+        parent = request.block_hashes[num_full - 1] if num_full else request.hash_seed
+        tokens = request.all_token_ids[num_full * size : num_full * size + tail]
+        self.pool.register(block, hash_block(parent, tokens), parent, tokens, num_full * size)
+
     def _num_new_blocks(
         self, request: Request, end: int, cached: list[KVBlock], leading: int
     ) -> tuple[int, int]:
@@ -150,17 +194,24 @@ class KVCacheManager:
         end: int,
         cached: list[KVBlock] | None = None,
         leading: int = 0,
+        tail: KVBlock | None = None,
     ) -> None:
         """Give the request slots for tokens ``[0, end)``: ``leading`` fresh blocks, then the
-        ``cached`` ones, then fresh ones; check ``can_allocate`` first."""
-        cached = cached or []
+        ``cached`` ones (and an adopted partial ``tail``), then fresh ones; check
+        ``can_allocate`` first (with the tail counted among ``cached``)."""
+        cached = list(cached or [])
+        num_full = len(cached)
+        if tail is not None:
+            cached.append(tail)
         need, _ = self._num_new_blocks(request, end, cached, leading)
         if cached:
             self.pool.touch(cached)
+        if tail is not None:
+            self.pool.unregister(tail)  # its content grows from here on
         fresh = self.pool.allocate(need)
         blocks = self._blocks.setdefault(request.request_id, [])
         if not blocks:
-            self._num_registered[request.request_id] = 0 if leading else len(cached)
+            self._num_registered[request.request_id] = 0 if leading else num_full
             blocks.extend(fresh[:leading])
             blocks.extend(cached)
             blocks.extend(fresh[leading:])

@@ -96,6 +96,8 @@ class Scheduler:
         elif request in self.waiting:
             self.waiting.remove(request)
         request.status = status
+        if request.session_id is not None and status != RequestStatus.FINISHED_ABORTED:
+            self.kv.register_tail(request)
         blocks = self.kv.free(request)
         if self.tiers is not None:
             self.tiers.release_held(request_id)
@@ -153,7 +155,7 @@ class Scheduler:
             if not request.cached_by_tier and loc.num_blocks:
                 for tier in Tier:
                     request.cached_by_tier[tier.value] = loc.count(tier) * self.kv.block_size
-            if not loc.all_on_device and self._start_fetch(request, loc):
+            if self._start_fetch(request, loc):
                 continue
             cached = []
             for block in loc.device:
@@ -161,7 +163,11 @@ class Scheduler:
                     break  # not fetched: recompute from here
                 cached.append(block)
             leading = loc.leading if cached else 0
+            held = self.tiers.held(request.request_id) if self.tiers is not None else None
+            tail = None if leading else self.kv.find_tail(request, len(cached), held)
             request.num_computed_tokens = 0 if leading else len(cached) * self.kv.block_size
+            if tail is not None:
+                request.num_computed_tokens += tail.num_tokens
             request.skip_from = request.skip_to = 0
             if leading:
                 request.skip_from = leading * self.kv.block_size
@@ -173,16 +179,19 @@ class Scheduler:
             num_new = self._chunk_size(request, budget)
             segments = request.segments(num_new)
             end = max(segments[-1][1], request.skip_to)
-            if not self.kv.can_allocate(request, end, cached, self.reserve_blocks, leading):
+            with_tail = cached + [tail] if tail is not None else cached
+            if not self.kv.can_allocate(request, end, with_tail, self.reserve_blocks, leading):
                 request.num_computed_tokens = 0
                 request.skip_from = request.skip_to = 0
                 break
             self.waiting.remove(request)
-            self.kv.allocate(request, end, cached, leading)
+            self.kv.allocate(request, end, cached, leading, tail)
             if self.tiers is not None:
                 self.tiers.release_held(request.request_id)
             if request.num_cached_tokens < 0:
-                request.num_cached_tokens = len(cached) * self.kv.block_size
+                request.num_cached_tokens = (
+                    request.num_computed_tokens + request.skip_to - request.skip_from
+                )
                 request.num_recomputed_tokens = leading * self.kv.block_size
             request.status = RequestStatus.RUNNING
             self.running.append(request)
@@ -203,6 +212,13 @@ class Scheduler:
             size = self.kv.block_size
             tokens = tuple(request.all_token_ids[i * size : (i + 1) * size])
             wanted.append((request.block_hashes[i], parent, tokens, i * self.kv.block_size, tier))
+        if loc.leading == 0 and self.kv.find_tail(request, loc.num_blocks) is None:
+            address = self.kv.tail_address(request, loc.num_blocks)
+            tier = self.tiers.locate(*address[:3]) if address is not None else None
+            if address is not None and tier is not None:
+                wanted.append((*address, tier))
+        if not wanted:
+            return False
         # Hold the run's device blocks so the fetch (or anyone) cannot evict them meanwhile.
         self.tiers.hold(request.request_id, [b for b in loc.device if b is not None])
         room = self.kv.pool.num_free_blocks - self.reserve_blocks

@@ -127,8 +127,10 @@ class TierManager:
         pin_cap_fraction: float = 0.20,
         write_through: bool = True,
         max_job_blocks: int = 256,
+        block_size: int = 16,
     ) -> None:
         self.pool = pool
+        self.block_size = block_size
         self.host = HostIndex(host_slots, policy) if host_slots > 0 else None
         self.disk = disk
         self.executor = executor
@@ -206,6 +208,9 @@ class TierManager:
         self.pool.touch(blocks)
         self._held.setdefault(owner, []).extend(blocks)
 
+    def held(self, owner: str) -> list[KVBlock]:
+        return self._held.get(owner, [])
+
     def take_held(self, owner: str) -> list[KVBlock]:
         """Blocks fetched for ``owner``; the caller now owns their references."""
         return self._held.pop(owner, [])
@@ -221,7 +226,7 @@ class TierManager:
         target = int(self.aot_threshold * self.pool.num_blocks)
         if self.pool.num_empty_blocks >= target:
             return
-        candidates = [b for b in self.pool.cached_free_blocks() if b.block_hash is not None]
+        candidates = [b for b in self.pool.cached_free_blocks() if self._movable(b)]
         covered = sum(1 for b in candidates if self.has_lower_copy(b.block_hash))  # type: ignore[arg-type]
         shortfall = target - self.pool.num_empty_blocks - covered
         if shortfall <= 0:
@@ -236,9 +241,7 @@ class TierManager:
     def offload_now(self, blocks: Iterable[KVBlock]) -> None:
         """Copy registered blocks without a lower copy out, synchronously: for swap preemption,
         and for eviction when the ahead-of-time copy has not kept up."""
-        chosen = [
-            b for b in blocks if b.block_hash is not None and not self.has_lower_copy(b.block_hash)
-        ]
+        chosen = [b for b in blocks if self._movable(b) and not self.has_lower_copy(b.block_hash)]  # type: ignore[arg-type]
         if self.host is None and self.disk is None:
             return
         kind = JobKind.OFFLOAD if self.host is not None else JobKind.PERSIST
@@ -253,7 +256,7 @@ class TierManager:
         if not self.write_through:
             return
         assert self.disk is not None
-        chosen = [b for b in blocks if b.block_hash is not None and b.block_hash not in self.disk]
+        chosen = [b for b in blocks if self._movable(b) and b.block_hash not in self.disk]
         for start in range(0, len(chosen), self.max_job_blocks):
             job = self._copy_out(chosen[start : start + self.max_job_blocks], JobKind.PERSIST)
             if job is not None:
@@ -284,6 +287,10 @@ class TierManager:
         job = TransferJob(kind, items)
         self._pending[job.job_id] = _Pending(job, list(blocks), busy, slots)
         return job
+
+    def _movable(self, block: KVBlock) -> bool:
+        """Registered blocks move between tiers (a session's partial tail included)."""
+        return block.block_hash is not None
 
     @staticmethod
     def _item(
