@@ -1,4 +1,4 @@
-"""`cadenza generate | chat --offline | bench engine`."""
+"""`cadenza generate | chat --offline | bench engine | bench replay`."""
 
 from __future__ import annotations
 
@@ -146,6 +146,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     engine_bench = bench_sub.add_parser("engine", help="prefill/decode throughput vs transformers")
     add_engine_bench_args(engine_bench)
+    from cadenza.bench.replay import add_arguments as add_replay_args
+
+    replay = bench_sub.add_parser("replay", help="multi-turn ShareGPT replay over the KV tiers")
+    add_replay_args(replay)
 
     args = parser.parse_args(argv)
     try:
