@@ -1,4 +1,4 @@
-"""`cadenza generate | chat --offline | bench engine | bench replay`."""
+"""`cadenza generate | chat --offline | bench engine | replay | tiers`."""
 
 from __future__ import annotations
 
@@ -27,6 +27,14 @@ def _add_engine_args(parser: argparse.ArgumentParser) -> None:
         "--no-enable-prefix-caching", dest="enable_prefix_caching", action="store_false"
     )
     parser.add_argument("--num-threads", type=int, default=None)
+    tiers = parser.add_argument_group("KV tiers and sessions")
+    tiers.add_argument("--kv-host-gib", type=float, default=0.0, help="host RAM KV tier size")
+    tiers.add_argument("--kv-disk-gib", type=float, default=0.0, help="disk KV tier size")
+    tiers.add_argument("--kv-disk-path", default=None, help="directory of the disk KV tier")
+    tiers.add_argument("--kv-eviction-policy", default="cost", choices=["cost", "lru"])
+    tiers.add_argument(
+        "--session-store", default=None, help="SQLite file of the conversation store"
+    )
 
 
 def _add_sampling_args(parser: argparse.ArgumentParser) -> None:
@@ -51,6 +59,11 @@ def _build_llm(args: argparse.Namespace):
         max_num_seqs=args.max_num_seqs,
         enable_prefix_caching=args.enable_prefix_caching,
         num_threads=args.num_threads,
+        kv_host_gib=args.kv_host_gib,
+        kv_disk_gib=args.kv_disk_gib,
+        kv_disk_path=args.kv_disk_path,
+        kv_eviction_policy=args.kv_eviction_policy,
+        session_store_path=args.session_store,
     )
 
 
@@ -83,43 +96,43 @@ def cmd_chat(args: argparse.Namespace) -> int:
             "the server client arrives with `cadenza serve`; use --offline for now", file=sys.stderr
         )
         return 2
+    import uuid
+
     llm = _build_llm(args)
     params = _sampling(args)
     engine = llm.engine
-    tokenizer = llm.get_tokenizer()
-    messages: list[dict[str, str]] = []
-    if args.system:
-        messages.append({"role": "system", "content": args.system})
-    print(f"cadenza chat (offline, {args.model}). Empty line or Ctrl-D to quit.")
-    turn = 0
+    session = args.session or f"chat-{uuid.uuid4().hex[:8]}"
+    pending: list[dict[str, str]] = []
+    if args.system and not engine.store.history_token_ids(session):
+        pending.append({"role": "system", "content": args.system})
+    print(f"cadenza chat (offline, {args.model}, session {session}). Empty line or Ctrl-D quits.")
     while True:
         try:
             user = input("you> ").strip()
         except EOFError:
             print()
+            llm.close()
             return 0
         if not user:
+            llm.close()
             return 0
-        messages.append({"role": "user", "content": user})
-        prompt_ids = tokenizer.encode_chat(messages)
+        pending.append({"role": "user", "content": user})
         start = time.monotonic()
-        request_id = engine.add_request(f"chat-{turn}", prompt_ids, params)
-        turn += 1
+        request_id = engine.add_turn(session, pending, params)
+        pending = []
         first = None
-        cached = 0
-        reply = ""
+        out = None
         print("assistant> ", end="", flush=True)
         while engine.has_unfinished_requests():
             for out in engine.step():
                 if out.request_id != request_id:
                     continue
                 first = first or time.monotonic()
-                cached = out.num_cached_tokens
                 print(out.outputs[0].delta_text, end="", flush=True)
-                reply = out.outputs[0].text
         ttft = (first - start) if first else float("nan")
-        print(f"\n  [ttft {ttft * 1000:.0f} ms, {cached}/{len(prompt_ids)} prompt tokens cached]")
-        messages.append({"role": "assistant", "content": reply})
+        cached = out.num_cached_tokens if out is not None else 0
+        total = len(out.prompt_token_ids) if out is not None else 0
+        print(f"\n  [ttft {ttft * 1000:.0f} ms, {cached}/{total} prompt tokens cached]")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -136,6 +149,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     chat = sub.add_parser("chat", help="interactive terminal chat")
     chat.add_argument("--offline", action="store_true", help="run the engine in this process")
     chat.add_argument("--system", default=None, help="system prompt")
+    chat.add_argument(
+        "--session", default=None, help="session id to continue (with --session-store)"
+    )
     _add_engine_args(chat)
     _add_sampling_args(chat)
     chat.set_defaults(func=cmd_chat)
@@ -150,6 +166,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     replay = bench_sub.add_parser("replay", help="multi-turn ShareGPT replay over the KV tiers")
     add_replay_args(replay)
+    from cadenza.bench.tier_probe import add_arguments as add_tier_args
+
+    tiers = bench_sub.add_parser("tiers", help="KV copy bandwidth and TTFT by history location")
+    add_tier_args(tiers)
 
     args = parser.parse_args(argv)
     try:

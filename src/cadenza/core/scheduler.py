@@ -199,29 +199,34 @@ class Scheduler:
             budget -= num_new
 
     def _start_fetch(self, request: Request, loc: PrefixLocation) -> bool:
-        """Fetch the lower-tier blocks of the located run, once; True if the request waits."""
+        """Fetch the lower-tier blocks of the located run, once; True if the request waits
+        (for the copy, or for room to copy into while other requests run)."""
         if self.tiers is None or request.fetch_tried:
             return False
-        request.fetch_tried = True
+        size = self.kv.block_size
         wanted = []
         for offset, tier in enumerate(loc.tiers):
             if tier == Tier.DEVICE:
                 continue
             i = loc.leading + offset
             parent = request.block_hashes[i - 1] if i else request.hash_seed
-            size = self.kv.block_size
             tokens = tuple(request.all_token_ids[i * size : (i + 1) * size])
-            wanted.append((request.block_hashes[i], parent, tokens, i * self.kv.block_size, tier))
+            wanted.append((request.block_hashes[i], parent, tokens, i * size, tier))
         if loc.leading == 0 and self.kv.find_tail(request, loc.num_blocks) is None:
             address = self.kv.tail_address(request, loc.num_blocks)
             tier = self.tiers.locate(*address[:3]) if address is not None else None
             if address is not None and tier is not None:
                 wanted.append((*address, tier))
         if not wanted:
+            request.fetch_tried = True
             return False
+        room = self.kv.pool.num_free_blocks - self.reserve_blocks
+        room -= sum(1 for b in loc.device if b is not None and b.ref_cnt == 0)
+        if room < len(wanted) and self.running:
+            return True  # wait for room rather than recompute what a lower tier holds
+        request.fetch_tried = True
         # Hold the run's device blocks so the fetch (or anyone) cannot evict them meanwhile.
         self.tiers.hold(request.request_id, [b for b in loc.device if b is not None])
-        room = self.kv.pool.num_free_blocks - self.reserve_blocks
         wanted = wanted[: max(0, room)]
         if self.tiers.fetch(request.request_id, wanted) is None:
             self.tiers.release_held(request.request_id)

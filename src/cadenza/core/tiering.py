@@ -158,6 +158,13 @@ class TierManager:
             return Tier.DISK  # verified against parent and tokens when the file is read
         return None
 
+    def has_host_copy(self, key: BlockHash) -> bool:
+        """Whether copying this block out would be redundant: it is on host already, or (with
+        no host tier) on disk already."""
+        if self.host is not None:
+            return key in self.host
+        return self.disk is not None and key in self.disk
+
     def has_lower_copy(self, key: BlockHash) -> bool:
         return (self.host is not None and key in self.host) or (
             self.disk is not None and key in self.disk
@@ -227,11 +234,11 @@ class TierManager:
         if self.pool.num_empty_blocks >= target:
             return
         candidates = [b for b in self.pool.cached_free_blocks() if self._movable(b)]
-        covered = sum(1 for b in candidates if self.has_lower_copy(b.block_hash))  # type: ignore[arg-type]
+        covered = sum(1 for b in candidates if self.has_host_copy(b.block_hash))  # type: ignore[arg-type]
         shortfall = target - self.pool.num_empty_blocks - covered
         if shortfall <= 0:
             return
-        uncopied = [b for b in candidates if not self.has_lower_copy(b.block_hash)]  # type: ignore[arg-type]
+        uncopied = [b for b in candidates if not self.has_host_copy(b.block_hash)]  # type: ignore[arg-type]
         chosen = self.policy.choose(uncopied, min(shortfall, self.max_job_blocks))
         job = self._copy_out(chosen, JobKind.OFFLOAD)
         if job is not None:
@@ -241,7 +248,7 @@ class TierManager:
     def offload_now(self, blocks: Iterable[KVBlock]) -> None:
         """Copy registered blocks without a lower copy out, synchronously: for swap preemption,
         and for eviction when the ahead-of-time copy has not kept up."""
-        chosen = [b for b in blocks if self._movable(b) and not self.has_lower_copy(b.block_hash)]  # type: ignore[arg-type]
+        chosen = [b for b in blocks if self._movable(b) and not self.has_host_copy(b.block_hash)]  # type: ignore[arg-type]
         if self.host is None and self.disk is None:
             return
         kind = JobKind.OFFLOAD if self.host is not None else JobKind.PERSIST
