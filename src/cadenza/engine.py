@@ -105,7 +105,6 @@ class LLMEngine:
             aot_threshold=cache.kv_offload_threshold,
             pin_cap_fraction=cache.kv_pin_cap_fraction,
             write_through=cache.kv_disk_write_through,
-            block_size=cache.block_size,
         )
         return tiers, swap, disk
 
@@ -186,14 +185,7 @@ class LLMEngine:
         self.tiers.pin(on_device, until)
         if self.tiers.is_fetching(probe.request_id):
             return found
-        bs = self.config.cache.block_size
-        wanted = []
-        for offset, tier in enumerate(loc.tiers):
-            if tier != Tier.DEVICE:
-                i = loc.leading + offset
-                parent = probe.block_hashes[i - 1] if i else probe.hash_seed
-                tokens = tuple(history[i * bs : (i + 1) * bs])
-                wanted.append((probe.block_hashes[i], parent, tokens, i * bs, tier))
+        wanted = self.scheduler.kv.lower_tier_blocks(probe, loc)
         room = self.scheduler.kv.pool.num_free_blocks - self.scheduler.reserve_blocks
         self.tiers.fetch(probe.request_id, wanted[: max(room, 0)], pin_until=until)
         return found

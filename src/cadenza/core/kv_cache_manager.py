@@ -11,6 +11,7 @@ still held somewhere; the leading hole before it is recomputed in the same pass 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from cadenza.core.block_pool import BlockPool, KVBlock
 from cadenza.core.eviction import EvictionPolicy
@@ -19,11 +20,10 @@ from cadenza.core.request import Request
 from cadenza.core.transfer import Tier
 
 
-class TierLocator:
+class TierLocator(Protocol):
     """What the manager asks about tiers below the device (``TierManager`` implements it)."""
 
-    def locate(self, key: bytes, parent: bytes, token_ids: list[int]) -> Tier | None:
-        raise NotImplementedError
+    def locate(self, key: bytes, parent: bytes, token_ids: list[int]) -> Tier | None: ...
 
 
 @dataclass
@@ -62,8 +62,8 @@ class KVCacheManager:
         self._blocks: dict[str, list[KVBlock]] = {}
         # How many of a request's leading blocks are registered in the content index.
         self._num_registered: dict[str, int] = {}
-        self.prefix_queries = 0  # tokens looked up
-        self.prefix_hits = 0  # tokens found
+        self.prefix_queries = 0  # prompt tokens looked up at admission
+        self.prefix_hits = 0  # of those, found cached in any tier
 
     @property
     def num_blocks(self) -> int:
@@ -116,9 +116,22 @@ class KVCacheManager:
                 if block is None:
                     break
                 hits.append(block)
-        self.prefix_queries += request.num_tokens
-        self.prefix_hits += len(hits) * self.block_size
         return hits
+
+    def lower_tier_blocks(
+        self, request: Request, loc: PrefixLocation
+    ) -> list[tuple[bytes, bytes, tuple[int, ...], int, Tier]]:
+        """``(key, parent, tokens, position, tier)`` of the located run's blocks that sit below
+        the device: what a fetch must copy up."""
+        size = self.block_size
+        out = []
+        for offset, tier in enumerate(loc.tiers):
+            if tier != Tier.DEVICE:
+                i = loc.leading + offset
+                parent = request.block_hashes[i - 1] if i else request.hash_seed
+                tokens = tuple(request.all_token_ids[i * size : (i + 1) * size])
+                out.append((request.block_hashes[i], parent, tokens, i * size, tier))
+        return out
 
     def find_tail(
         self, request: Request, num_full: int, held: list[KVBlock] | None = None

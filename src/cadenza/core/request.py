@@ -63,7 +63,6 @@ class Request:
     skip_to: int = 0
     # Prompt tokens found cached at admission, by tier ("device", "host", "disk").
     cached_by_tier: dict[str, int] = field(default_factory=dict)
-    num_recomputed_tokens: int = 0
     fetch_tried: bool = False
     # Keep this turn's KV pinned on the device for this long after it finishes.
     retention_ttl_s: float = 0.0

@@ -192,7 +192,8 @@ class Scheduler:
                 request.num_cached_tokens = (
                     request.num_computed_tokens + request.skip_to - request.skip_from
                 )
-                request.num_recomputed_tokens = leading * self.kv.block_size
+                self.kv.prefix_queries += request.num_tokens
+                self.kv.prefix_hits += request.num_cached_tokens
             request.status = RequestStatus.RUNNING
             self.running.append(request)
             out.chunks.append(self._chunk(request, segments))
@@ -203,15 +204,7 @@ class Scheduler:
         (for the copy, or for room to copy into while other requests run)."""
         if self.tiers is None or request.fetch_tried:
             return False
-        size = self.kv.block_size
-        wanted = []
-        for offset, tier in enumerate(loc.tiers):
-            if tier == Tier.DEVICE:
-                continue
-            i = loc.leading + offset
-            parent = request.block_hashes[i - 1] if i else request.hash_seed
-            tokens = tuple(request.all_token_ids[i * size : (i + 1) * size])
-            wanted.append((request.block_hashes[i], parent, tokens, i * size, tier))
+        wanted = self.kv.lower_tier_blocks(request, loc)
         if loc.leading == 0 and self.kv.find_tail(request, loc.num_blocks) is None:
             address = self.kv.tail_address(request, loc.num_blocks)
             tier = self.tiers.locate(*address[:3]) if address is not None else None

@@ -127,10 +127,8 @@ class TierManager:
         pin_cap_fraction: float = 0.20,
         write_through: bool = True,
         max_job_blocks: int = 256,
-        block_size: int = 16,
     ) -> None:
         self.pool = pool
-        self.block_size = block_size
         self.host = HostIndex(host_slots, policy) if host_slots > 0 else None
         self.disk = disk
         self.executor = executor
