@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 run: $(STAMP)
-	$(VENV)/bin/cadenza chat --offline
+	$(VENV)/bin/cadenza serve --host 127.0.0.1 --port 8000
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check src tests

@@ -80,3 +80,26 @@ def sharegpt_user_messages(count: int, min_chars: int = 20, max_chars: int = 600
             if len(found) == count:
                 break
     return found
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_source(smollm2_source):
+    """A tiny random Llama that speaks through SmolLM2's tokenizer and chat template: real
+    chat plumbing (templates, sessions, the HTTP API) at a fraction of the model's cost."""
+    from cadenza.model.source import random_model_source
+
+    tok = smollm2_source.tokenizer
+    config = ModelConfig(
+        architecture="llama",
+        vocab_size=tok.vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=4096,
+        bos_token_id=None,
+        eos_token_ids=tuple(tok.eos_token_ids),
+        name="tiny-chat",
+    )
+    return random_model_source(config, seed=7, tokenizer=tok)

@@ -1,4 +1,4 @@
-"""`cadenza generate | chat --offline | bench engine | replay | tiers`."""
+"""`cadenza serve | generate | chat [--offline] | bench engine | replay | tiers`."""
 
 from __future__ import annotations
 
@@ -155,6 +155,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     _add_engine_args(chat)
     _add_sampling_args(chat)
     chat.set_defaults(func=cmd_chat)
+
+    serve = sub.add_parser("serve", help="the OpenAI-compatible stateful server")
+    _add_engine_args(serve)
+    from cadenza.server.serve import add_arguments as add_serve_args
+    from cadenza.server.serve import run as run_server
+
+    add_serve_args(serve)
+    serve.set_defaults(func=run_server)
 
     bench = sub.add_parser("bench", help="benchmarks")
     bench_sub = bench.add_subparsers(dest="bench_command", required=True)

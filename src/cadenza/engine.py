@@ -176,6 +176,7 @@ class LLMEngine:
         if len(history) < 2:
             return found
         probe = self._make_request(f"hint:{session_id}", history, SamplingParams(), tenant or None)
+        probe.num_history_tokens = len(history) - 1  # the last token's KV is never computed
         loc = self.scheduler.kv.locate_prefix(probe, self.tiers)
         for tier in Tier:
             found[tier.value] = loc.count(tier)
@@ -185,7 +186,7 @@ class LLMEngine:
         self.tiers.pin(on_device, until)
         if self.tiers.is_fetching(probe.request_id):
             return found
-        wanted = self.scheduler.kv.lower_tier_blocks(probe, loc)
+        wanted = self.scheduler.kv.blocks_to_fetch(probe, loc, self.tiers)
         room = self.scheduler.kv.pool.num_free_blocks - self.scheduler.reserve_blocks
         self.tiers.fetch(probe.request_id, wanted[: max(room, 0)], pin_until=until)
         return found

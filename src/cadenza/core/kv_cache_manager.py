@@ -133,6 +133,20 @@ class KVCacheManager:
                 out.append((request.block_hashes[i], parent, tokens, i * size, tier))
         return out
 
+    def blocks_to_fetch(
+        self, request: Request, loc: PrefixLocation, locator: TierLocator
+    ) -> list[tuple[bytes, bytes, tuple[int, ...], int, Tier]]:
+        """What a fetch for ``request`` must copy up: the located run's lower-tier blocks, plus
+        the session's partial tail block when it sits below the device (left out, the turn
+        would wait for a second one-block fetch)."""
+        wanted = self.lower_tier_blocks(request, loc)
+        if loc.leading == 0 and self.find_tail(request, loc.num_blocks) is None:
+            address = self.tail_address(request, loc.num_blocks)
+            tier = locator.locate(*address[:3]) if address is not None else None
+            if address is not None and tier is not None:
+                wanted.append((*address, tier))
+        return wanted
+
     def find_tail(
         self, request: Request, num_full: int, held: list[KVBlock] | None = None
     ) -> KVBlock | None:

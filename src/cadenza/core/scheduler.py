@@ -204,12 +204,7 @@ class Scheduler:
         (for the copy, or for room to copy into while other requests run)."""
         if self.tiers is None or request.fetch_tried:
             return False
-        wanted = self.kv.lower_tier_blocks(request, loc)
-        if loc.leading == 0 and self.kv.find_tail(request, loc.num_blocks) is None:
-            address = self.kv.tail_address(request, loc.num_blocks)
-            tier = self.tiers.locate(*address[:3]) if address is not None else None
-            if address is not None and tier is not None:
-                wanted.append((*address, tier))
+        wanted = self.kv.blocks_to_fetch(request, loc, self.tiers)
         if not wanted:
             request.fetch_tried = True
             return False

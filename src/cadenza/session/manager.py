@@ -59,7 +59,7 @@ class SessionManager:
         self.store = store
         self.tokenizer = tokenizer
 
-    def _tok(self) -> Tokenizer:
+    def require_tokenizer(self) -> Tokenizer:
         if self.tokenizer is None:
             raise ValueError("this model has no tokenizer; chat sessions need one")
         return self.tokenizer
@@ -117,7 +117,7 @@ class SessionManager:
         new_messages: list[dict[str, Any]],
         history: list[int],
     ) -> list[int]:
-        tok = self._tok()
+        tok = self.require_tokenizer()
         if not prior_messages:
             return tok.encode_chat(new_messages, add_generation_prompt=True)
         before = tok.apply_chat_template(prior_messages, add_generation_prompt=False)

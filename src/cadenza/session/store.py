@@ -161,6 +161,10 @@ class TurnRecord:
     finished_at: float | None
 
 
+class TurnInProgressError(ValueError):
+    """The session already has a pending turn; a session runs one turn at a time."""
+
+
 class TenantMismatchError(ValueError):
     """The session exists but belongs to another tenant (the other tenant is not named)."""
 
@@ -430,7 +434,7 @@ class ConversationStore:
                 (session_id,),
             ).fetchone()
             if pending is not None:
-                raise ValueError(
+                raise TurnInProgressError(
                     f"session {session_id} already has a turn in progress"
                     f" (request {pending['request_id']})"
                 )

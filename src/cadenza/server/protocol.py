@@ -1,0 +1,119 @@
+"""Request bodies of the OpenAI-compatible endpoints (pydantic), and their sampling params.
+
+Field names and ranges follow the OpenAI API; the extensions are vLLM's (``top_k``, ``min_p``,
+``repetition_penalty``, ``ignore_eos``) and Cadenza's (``session_id``, ``retention``). Unknown
+fields are accepted and ignored, as OpenAI-compatible servers do, so newer SDKs keep working.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from cadenza.core.sampling_params import MAX_LOGPROBS, SamplingParams
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+
+class TextPart(_Body):
+    type: Literal["text", "input_text", "output_text"]
+    text: str
+
+
+class ChatMessage(_Body):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None = None
+    name: str | None = None
+
+    def text(self) -> str:
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(part.text for part in self.content)
+
+    def as_template_message(self) -> dict[str, Any]:
+        # The template sees "system" for OpenAI's newer "developer" role.
+        role = "system" if self.role == "developer" else self.role
+        return {"role": role, "content": self.text()}
+
+
+class StreamOptions(_Body):
+    include_usage: bool = False
+
+
+class RetentionBody(_Body):
+    ttl_s: float = Field(0.0, ge=0, le=86400)
+    priority: int = Field(0, ge=-1000, le=1000)
+
+
+class _SamplingFields(_Body):
+    model: str
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    top_k: int | None = Field(None, ge=-1)
+    min_p: float | None = Field(None, ge=0, le=1)
+    seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1)
+    stop: str | list[str] | None = None
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    repetition_penalty: float | None = Field(None, gt=0, le=10)
+    n: int = Field(1, ge=1, le=1, description="only n=1 is supported")
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    ignore_eos: bool = False
+    user: str | None = None
+    session_id: str | None = Field(None, min_length=1, max_length=256)
+    retention: RetentionBody | None = None
+
+    def sampling_params(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+        stop = [self.stop] if isinstance(self.stop, str) else self.stop
+        return SamplingParams(
+            temperature=1.0 if self.temperature is None else self.temperature,
+            top_p=1.0 if self.top_p is None else self.top_p,
+            top_k=self.top_k or 0,
+            min_p=self.min_p or 0.0,
+            seed=self.seed,
+            stop=stop or None,
+            presence_penalty=self.presence_penalty or 0.0,
+            frequency_penalty=self.frequency_penalty or 0.0,
+            repetition_penalty=self.repetition_penalty or 1.0,
+            max_tokens=max_tokens,
+            ignore_eos=self.ignore_eos,
+            logprobs=logprobs,
+        )
+
+
+class ChatCompletionRequest(_SamplingFields):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+
+    def to_sampling_params(self) -> SamplingParams:
+        limit = self.max_completion_tokens or self.max_tokens
+        wanted = (self.top_logprobs or 0) if self.logprobs else None
+        return self.sampling_params(limit, wanted)
+
+
+class CompletionRequest(_SamplingFields):
+    prompt: str | list[int] | list[str] = Field(
+        description="one prompt: text, token ids, or a one-element list of text"
+    )
+    max_tokens: int | None = Field(16, ge=1)
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    echo: bool = False
+    suffix: str | None = None
+
+    def to_sampling_params(self) -> SamplingParams:
+        return self.sampling_params(self.max_tokens, self.logprobs)
+
+
+class HintRequest(_Body):
+    expected_arrival_s: float | None = Field(None, ge=0, le=86400)
+    ttl_s: float | None = Field(None, ge=0, le=86400)
+    priority: int = Field(0, ge=-1000, le=1000)

@@ -1,0 +1,86 @@
+"""Start the real server (uvicorn, real sockets) on a free port inside the test process."""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import uvicorn
+
+from cadenza.config import CacheConfig, EngineConfig, SchedulerConfig
+from cadenza.engine import LLMEngine
+from cadenza.model.source import ModelSource
+from cadenza.server.app import build_app
+from cadenza.server.async_engine import AsyncEngine
+from cadenza.server.state import ServerState
+
+MODEL = "tiny-chat"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class RunningServer:
+    base_url: str
+    state: ServerState
+    server: uvicorn.Server
+
+    @property
+    def engine(self) -> LLMEngine:
+        assert self.state.engine.engine is not None
+        return self.state.engine.engine
+
+
+def engine_config(store: str | None = None, **cache: Any) -> EngineConfig:
+    scheduler = {k: cache.pop(k) for k in ("max_num_seqs", "max_num_batched_tokens") if k in cache}
+    cache.setdefault("num_blocks", 256)
+    return EngineConfig(
+        model=MODEL,
+        cache=CacheConfig(**cache),
+        scheduler=SchedulerConfig(**scheduler),
+        session_store_path=store,
+        kv_cost_model="linear",
+        num_threads=1,
+    )
+
+
+@contextlib.contextmanager
+def running_server(
+    source: ModelSource,
+    *,
+    api_keys: list[str] | None = None,
+    store: str | None = None,
+    max_waiting: int = 256,
+    max_body_bytes: int = 1 << 20,
+    **cache: Any,
+) -> Iterator[RunningServer]:
+    config = engine_config(store, **cache)
+    engine = AsyncEngine(lambda: LLMEngine(config, source), max_waiting=max_waiting)
+    state = ServerState.with_keys(
+        engine, MODEL, api_keys or [], max_body_bytes=max_body_bytes
+    )
+    port = free_port()
+    server = uvicorn.Server(
+        uvicorn.Config(build_app(state), host="127.0.0.1", port=port, log_level="warning")
+    )
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise RuntimeError("server did not start")
+        time.sleep(0.02)
+    try:
+        yield RunningServer(f"http://127.0.0.1:{port}", state, server)
+    finally:
+        server.should_exit = True
+        thread.join(30)
