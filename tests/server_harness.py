@@ -17,6 +17,7 @@ from cadenza.engine import LLMEngine
 from cadenza.model.source import ModelSource
 from cadenza.server.app import build_app
 from cadenza.server.async_engine import AsyncEngine
+from cadenza.server.metrics import ServerMetrics
 from cadenza.server.state import ServerState
 
 MODEL = "tiny-chat"
@@ -61,13 +62,19 @@ def running_server(
     store: str | None = None,
     max_waiting: int = 256,
     max_body_bytes: int = 1 << 20,
+    metrics: bool = True,
     **cache: Any,
 ) -> Iterator[RunningServer]:
     config = engine_config(store, **cache)
-    engine = AsyncEngine(lambda: LLMEngine(config, source), max_waiting=max_waiting)
-    state = ServerState.with_keys(
-        engine, MODEL, api_keys or [], max_body_bytes=max_body_bytes
+    server_metrics = ServerMetrics(MODEL) if metrics else None
+    engine = AsyncEngine(
+        lambda: LLMEngine(config, source),
+        max_waiting=max_waiting,
+        on_step=server_metrics.on_step if server_metrics is not None else None,
     )
+    state = ServerState.with_keys(engine, MODEL, api_keys or [], max_body_bytes=max_body_bytes)
+    if server_metrics is not None:
+        state.extras["metrics"] = server_metrics
     port = free_port()
     server = uvicorn.Server(
         uvicorn.Config(build_app(state), host="127.0.0.1", port=port, log_level="warning")

@@ -4,16 +4,79 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
-from fastapi import FastAPI, Request, Response
+from fastapi import FastAPI
+from starlette.datastructures import Headers
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from cadenza.server import routes_openai, routes_sessions
+from cadenza.server import (
+    metrics,
+    routes_conversations,
+    routes_openai,
+    routes_responses,
+    routes_sessions,
+)
 from cadenza.server.errors import error_response, install_error_handlers
-from cadenza.server.state import ServerState, get_state
+from cadenza.server.state import ServerState
 
 log = logging.getLogger("cadenza.server")
+
+
+class BodySizeLimit:
+    """413 for a request body over ``state.max_body_bytes`` (a chunked upload is read up to
+    the limit, then replayed). Pure ASGI on purpose: Starlette's ``@app.middleware("http")``
+    (BaseHTTPMiddleware) hides the client's disconnect from ``request.is_disconnected()``
+    downstream, so a non-streamed request whose client had gone would run to its end."""
+
+    def __init__(self, app: ASGIApp, state: ServerState) -> None:
+        self.app = app
+        self.state = state
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        limit = self.state.max_body_bytes
+        length = Headers(scope=scope).get("content-length")
+        if length is not None:
+            if not length.isdigit():
+                await error_response(400, "invalid Content-Length header")(scope, receive, send)
+            elif int(length) > limit:
+                text = f"request body is {int(length)} bytes; the limit is {limit} bytes"
+                await error_response(413, text)(scope, receive, send)
+            else:
+                await self.app(scope, receive, send)
+            return
+        if scope["method"] not in ("POST", "PUT", "PATCH"):
+            await self.app(scope, receive, send)
+            return
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return  # the client left before it finished sending
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                text = f"request body is over the limit of {limit} bytes"
+                await error_response(413, text)(scope, receive, send)
+                return
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if replayed:
+                return await receive()  # from now on: the disconnect, when it comes
+            replayed = True
+            return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+
+        await self.app(scope, replay, send)
 
 
 def build_app(state: ServerState, *, extra_routers: tuple[Any, ...] = ()) -> FastAPI:
@@ -35,32 +98,15 @@ def build_app(state: ServerState, *, extra_routers: tuple[Any, ...] = ()) -> Fas
     app.state.cadenza = state
     install_error_handlers(app)
 
-    @app.middleware("http")
-    async def limit_body(
-        request: Request, call_next: Callable[[Request], Awaitable[Response]]
-    ) -> Response:
-        limit = get_state(request).max_body_bytes
-        length = request.headers.get("content-length")
-        if length is not None:
-            if not length.isdigit():
-                return error_response(400, "invalid Content-Length header")
-            if int(length) > limit:
-                return error_response(
-                    413, f"request body is {int(length)} bytes; the limit is {limit} bytes"
-                )
-        elif request.method in ("POST", "PUT", "PATCH"):
-            body = await request.body()  # chunked upload: read it, then check
-            if len(body) > limit:
-                return error_response(413, f"request body is over the limit of {limit} bytes")
-        return await call_next(request)
+    app.add_middleware(BodySizeLimit, state=state)
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
         engine = state.engine
         return {"status": "ok", "model": state.model_name, "in_flight": engine.num_streams}
 
-    app.include_router(routes_openai.router)
-    app.include_router(routes_sessions.router)
+    for module in (routes_openai, routes_sessions, routes_responses, routes_conversations, metrics):
+        app.include_router(module.router)
     for router in extra_routers:
         app.include_router(router)
     return app

@@ -68,6 +68,11 @@ def error_response(
 
 
 def _describe_validation(errors: list[Any]) -> tuple[str, str | None]:
+    if errors and errors[0].get("type") == "json_invalid":  # loc is (body, character offset)
+        loc = errors[0].get("loc", ())
+        where = f" at character {loc[-1]}" if loc and isinstance(loc[-1], int) else ""
+        reason = (errors[0].get("ctx") or {}).get("error", "malformed")
+        return f"request body is not valid JSON: {reason}{where}", None
     parts = []
     param = None
     for err in errors[:5]:

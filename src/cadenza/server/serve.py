@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -64,11 +65,16 @@ def api_keys(args: argparse.Namespace) -> list[str]:
     return keys
 
 
+def _exit_cleanly(signum: int, frame: Any) -> None:
+    raise SystemExit(0)
+
+
 def run(args: argparse.Namespace) -> int:
     import uvicorn
 
     from cadenza.server.app import build_app
     from cadenza.server.async_engine import AsyncEngine
+    from cadenza.server.metrics import ServerMetrics
     from cadenza.server.state import ServerState
 
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
@@ -77,8 +83,11 @@ def run(args: argparse.Namespace) -> int:
         logging.warning(
             "serving on %s without --api-key: anyone who can reach it can use it", args.host
         )
-    engine = AsyncEngine(engine_factory(args), max_waiting=args.max_queued_requests)
     name = args.served_model_name or args.model
+    metrics = ServerMetrics(name)
+    engine = AsyncEngine(
+        engine_factory(args), max_waiting=args.max_queued_requests, on_step=metrics.on_step
+    )
     state = ServerState.with_keys(
         engine,
         name,
@@ -86,8 +95,12 @@ def run(args: argparse.Namespace) -> int:
         aliases=frozenset({args.model, name}),
         max_body_bytes=int(args.max_body_mib * 2**20),
     )
+    state.extras["metrics"] = metrics
     app = build_app(state)
     print(f"cadenza: serving {name} on http://{args.host}:{args.port}/v1", flush=True)
+    # uvicorn drains on SIGTERM, then re-raises the signal, which would end the process with
+    # status -15 after a clean shutdown; SIGTERM is how services are stopped, so exit 0.
+    signal.signal(signal.SIGTERM, _exit_cleanly)
     uvicorn.run(
         app,
         host=args.host,
