@@ -92,10 +92,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def cmd_chat(args: argparse.Namespace) -> int:
     if not args.offline:
-        print(
-            "the server client arrives with `cadenza serve`; use --offline for now", file=sys.stderr
-        )
-        return 2
+        from cadenza.client.chat import run_chat
+
+        return run_chat(args)
     import uuid
 
     llm = _build_llm(args)
@@ -154,6 +153,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     _add_engine_args(chat)
     _add_sampling_args(chat)
+    from cadenza.client.chat import add_arguments as add_chat_client_args
+
+    add_chat_client_args(chat)
     chat.set_defaults(func=cmd_chat)
 
     serve = sub.add_parser("serve", help="the OpenAI-compatible stateful server")
@@ -178,6 +180,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     tiers = bench_sub.add_parser("tiers", help="KV copy bandwidth and TTFT by history location")
     add_tier_args(tiers)
+    from cadenza.bench.serve_bench import add_arguments as add_serve_bench_args
+
+    serve_bench = bench_sub.add_parser("serve", help="multi-turn HTTP load: Cadenza vs baselines")
+    add_serve_bench_args(serve_bench)
 
     args = parser.parse_args(argv)
     try:

@@ -187,6 +187,21 @@ def _run_rows(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
+def _table(rows: Sequence[dict[str, Any]], keys: Sequence[str]) -> list[str]:
+    """One markdown table: a column per key (``run`` first), units chosen per column."""
+    keys = ["run", *[k for k in keys if k != "run"]]
+    kinds = {k: ("plain" if k == "run" else _kind(k)) for k in keys}
+    units = {k: _column_unit(kinds[k], [r.get(k) for r in rows]) for k in keys}
+    headers = [_header(k, kinds[k], units[k]) for k in keys]
+    lines = ["| " + " | ".join(headers) + " |"]
+    lines.append("|" + "|".join("---" if k == "run" else "---:" for k in keys) + "|")
+    for row in rows:
+        cells = [_format_cell(row.get(k), kinds[k], units[k]) for k in keys]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines.append("")
+    return lines
+
+
 def render_markdown(
     results: dict[str, Any],
     name: str = "replay",
@@ -194,11 +209,24 @@ def render_markdown(
     *,
     plot_note: str | None = None,
 ) -> str:
-    """The markdown report: meta bullets, the plot, one table row per run, each run's config."""
+    """The markdown report: notes, meta bullets, the plot, the run tables, each run's config.
+
+    ``results["notes"]`` (optional) is a list of markdown paragraphs put first, under
+    "Summary". ``results["tables"]`` (optional) is a list of ``{"title": ..., "keys": [...]}``
+    groups of summary keys, one table each; summary scalars in no group go to a last table.
+    Without it, every summary scalar goes into one table.
+    """
     runs = results.get("runs") or []
     lines = [f"# Replay report: {name}", ""]
+    notes = results.get("notes") or []
+    if notes:
+        lines += ["## Summary", ""]
+        for note in notes:
+            lines += [str(note), ""]
     meta = results.get("meta") or {}
     if meta:
+        if notes:
+            lines += ["## Setup", ""]
         lines += [f"- **{k}**: {_meta_value(v)}" for k, v in meta.items()]
         lines.append("")
     if png_name:
@@ -208,15 +236,21 @@ def render_markdown(
     rows = _run_rows(runs)
     if rows:
         keys = _column_keys(rows)
-        kinds = {k: ("plain" if k == "run" else _kind(k)) for k in keys}
-        units = {k: _column_unit(kinds[k], [r.get(k) for r in rows]) for k in keys}
-        headers = [_header(k, kinds[k], units[k]) for k in keys]
-        lines.append("| " + " | ".join(headers) + " |")
-        lines.append("|" + "|".join("---" if k == "run" else "---:" for k in keys) + "|")
-        for row in rows:
-            cells = [_format_cell(row.get(k), kinds[k], units[k]) for k in keys]
-            lines.append("| " + " | ".join(cells) + " |")
-        lines.append("")
+        groups = results.get("tables") or []
+        if groups:
+            grouped: set[str] = set()
+            for group in groups:
+                wanted = [k for k in group.get("keys", []) if k in keys]
+                grouped.update(wanted)
+                if wanted:
+                    lines += [f"## {group.get('title', 'Runs')}", ""]
+                    lines += _table(rows, wanted)
+            rest = [k for k in keys if k != "run" and k not in grouped]
+            if rest:
+                lines += ["## Other measurements", ""]
+                lines += _table(rows, rest)
+        else:
+            lines += _table(rows, keys)
         lines.append(
             "Bytes in decimal MB/GB; hit tokens are the prompt tokens whose KV was found on the "
             "device / host / disk tier; — means not measured."

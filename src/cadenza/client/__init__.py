@@ -1,0 +1,1 @@
+"""HTTP clients of a running Cadenza (or any OpenAI-compatible) server."""
