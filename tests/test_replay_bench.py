@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import random
 from types import SimpleNamespace
 
@@ -9,7 +10,11 @@ import pytest
 
 from cadenza.bench.replay import (
     LiveKV,
+    _acceptance,
+    _notes,
     _size_tiers,
+    copy_overlap,
+    decode_step_slowdown,
     fit_step_cost,
     predict_step_cost,
     step_features,
@@ -98,6 +103,15 @@ def test_step_slowdown_is_one_on_the_fitted_run_and_scales() -> None:
     assert result["step_slowdown_total"] == pytest.approx(1.25, abs=0.03)
 
 
+def test_decode_step_slowdown_matches_batch_sizes() -> None:
+    # reference: decode steps of 1 seq take 40 ms, of 4 seqs 60 ms; prefill steps are ignored
+    reference = [(0.04, 1, 1, 50)] * 12 + [(0.06, 4, 4, 200)] * 12 + [(0.5, 300, 1, 9e4)] * 5
+    steps = [(0.044, 1, 1, 60)] * 5 + [(0.066, 4, 4, 180)] * 5 + [(9.0, 300, 2, 1e5)]
+    assert decode_step_slowdown(reference, steps) == pytest.approx(1.1)
+    # batch sizes the reference saw too rarely do not count
+    assert math.isnan(decode_step_slowdown(reference, [(0.1, 7, 7, 300)]))
+
+
 def test_fit_needs_enough_positive_steps() -> None:
     with pytest.raises(ValueError):
         fit_step_cost([(0.1, 1, 1, 1)])
@@ -129,3 +143,71 @@ def test_markdown_groups_tables_and_puts_notes_first() -> None:
     assert md.index("## Summary") < md.index("**Point 1** holds.") < md.index("- **model**")
     assert "## Reuse" in md and "1.5%" in md
     assert "## Other measurements" in md and "1.04" in md
+
+
+def test_copy_overlap_splits_steps_by_copies_in_flight() -> None:
+    coef = (0.01, 3e-4, 1e-8, 1e-3)
+    base = _synthetic_steps(200, coef, noise=0.0, seed=5)
+    model = fit_step_cost(base)
+    quiet = [(*r, r[0], 0) for r in base[:100]]  # (wall, tokens, seqs, attention, cpu, copying)
+    copying = [(1.3 * r[0], *r[1:], r[0], 1) for r in base[100:]]
+    split = copy_overlap(model, quiet + copying)
+    assert split["copying_step_fraction"] == pytest.approx(0.5)
+    assert split["step_slowdown_copying"] == pytest.approx(1.3)
+    assert split["step_slowdown_quiet"] == pytest.approx(1.0)
+    assert math.isnan(copy_overlap(model, quiet)["step_slowdown_copying"])
+
+
+def _run_summary(redundant: float, slowdown: float) -> dict:
+    return {
+        "redundant_fraction": redundant,
+        "hit_tokens": {"device": 10, "host": 20, "disk": 30},
+        "evicted_blocks": 0,
+        "step_slowdown": slowdown,
+        "cpu_step_slowdown": slowdown,
+        "step_cpu_share": 0.99,
+        "decode_step_slowdown": slowdown,
+        "copying_step_fraction": 0.4,
+        "step_slowdown_copying": slowdown,
+        "step_slowdown_quiet": 1.0,
+        "step_time_median_s": 0.08,
+        "step_time_per_token_s": 0.007,
+        "stall_steps": 3,
+        "stall_time_s": 0.1,
+    }
+
+
+def test_acceptance_notes_state_each_point() -> None:
+    meta = {
+        "conversations": 100,
+        "turns": 378,
+        "peak_live_kv_blocks": 400,
+        "max_live_sessions": 30,
+        "mean_live_kv_blocks": 180.0,
+        "device_blocks": 80,
+        "device_frac_of_peak_live": 0.2,
+        "device_floor_applied": False,
+        "device_floor_blocks": 50,
+        "largest_turn_blocks": 43,
+        "device_frac_requested": 0.2,
+        "host_blocks": 200,
+        "host_frac_of_peak_live": 0.5,
+        "resident_blocks": 3000,
+        "step_cost_model": {"steps": 1000, "r2": 0.9},
+    }
+    runs = [
+        {"name": "resident", "summary": _run_summary(0.0, 1.0)},
+        {"name": "stateless", "summary": _run_summary(1.0, 0.98)},
+        {"name": "tiers-cost", "summary": _run_summary(0.01, 1.05)},
+        {"name": "tiers-lru", "summary": _run_summary(0.03, 1.2)},
+    ]
+    verdict = _acceptance(runs)
+    assert verdict["point1_holds"] is False and verdict["point2_holds"] is False
+    text = "\n".join(_notes(meta, runs))
+    assert "tiers-lru 3.0%" in text and "**Does not hold.**" in text
+    assert "tiers-lru 1.200" in text and "**does not hold.**" in text
+    runs[3] = {"name": "tiers-lru", "config": {}, "error": "KeyError: x", "summary": {}}
+    verdict = _acceptance(runs)
+    assert verdict["point1_holds"] and verdict["point2_holds"]
+    assert verdict["failed_runs"] == ["tiers-lru"]
+    assert "**Run tiers-lru failed:** `KeyError: x`" in "\n".join(_notes(meta, runs))

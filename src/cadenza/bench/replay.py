@@ -53,7 +53,7 @@ from cadenza.bench.replay_report import summarize_turns, write_replay_report
 from cadenza.bench.workloads import Conversation, load_sharegpt, plan_sessions, truncate_text
 
 CONFIG_NAMES = ("resident", "stateless", "tiers-cost", "tiers-lru")
-STEP_FIELDS = ("wall_s", "tokens", "seqs", "attention", "cpu_s")
+STEP_FIELDS = ("wall_s", "tokens", "seqs", "attention", "cpu_s", "copying")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -231,6 +231,37 @@ def step_slowdown(
     }
 
 
+def decode_step_slowdown(
+    reference: Sequence[Sequence[float]], steps: Sequence[Sequence[float]], min_count: int = 10
+) -> float:
+    """A model-free cross-check of ``step_slowdown``: over decode-only steps (one token per
+    sequence), the median of each step's wall time over the reference run's median wall time
+    for decode steps of the same batch size (sizes the reference saw at least ``min_count``
+    times). NaN if no step matches."""
+    by_seqs: dict[int, list[float]] = {}
+    for r in reference:
+        if r[1] == r[2]:
+            by_seqs.setdefault(int(r[2]), []).append(r[0])
+    medians = {k: statistics.median(v) for k, v in by_seqs.items() if len(v) >= min_count}
+    ratios = [r[0] / medians[int(r[2])] for r in steps if r[1] == r[2] and int(r[2]) in medians]
+    return statistics.median(ratios) if ratios else float("nan")
+
+
+def copy_overlap(model: dict[str, float], steps: Sequence[Sequence[float]]) -> dict[str, float]:
+    """Within one run (same machine conditions, interleaved in time): ``step_slowdown`` over the
+    steps that ran while KV copies were in flight (record field 5 set) and over the others, and
+    the fraction of steps that overlapped copies. Their quotient is how much a copy running
+    beside a step slows it, free of drift between runs."""
+    copying = [s for s in steps if len(s) > 5 and s[5]]
+    quiet = [s for s in steps if not (len(s) > 5 and s[5])]
+    nan = float("nan")
+    return {
+        "copying_step_fraction": len(copying) / len(steps) if steps else nan,
+        "step_slowdown_copying": step_slowdown(model, copying)["step_slowdown"] if copying else nan,
+        "step_slowdown_quiet": step_slowdown(model, quiet)["step_slowdown"] if quiet else nan,
+    }
+
+
 # ------------------------------------------------------------------------------- driver
 
 
@@ -299,7 +330,7 @@ def _drive(
     skipped = 0.0
     live: dict[str, tuple[int, int, int]] = {}  # request id -> (session, turn, prompt tokens)
     turns: list[dict[str, Any]] = []
-    steps: list[tuple[float, int, int, int, float]] = []  # STEP_FIELDS
+    steps: list[tuple[float, int, int, int, float, int]] = []  # STEP_FIELDS
     stall_s = 0.0
     stall_steps = 0
     history_len: dict[int, int] = {}
@@ -327,6 +358,7 @@ def _drive(
                 skipped += max(0.0, events[0][0] - now)
             continue
         probe.plan = None
+        copying = int(engine.tiers.num_pending_jobs > 0)  # KV copies run beside this step
         c0 = time.thread_time()
         t0 = time.perf_counter()
         outputs = engine.step()
@@ -335,7 +367,7 @@ def _drive(
         plan = probe.plan
         if plan is not None and not plan.is_empty:
             tokens, seqs, attention = step_features(plan)
-            steps.append((dt, tokens, seqs, attention, cpu))
+            steps.append((dt, tokens, seqs, attention, cpu, copying))
         else:
             stall_s += dt
             stall_steps += 1
@@ -521,6 +553,10 @@ TABLES = [
             "step_slowdown_p90",
             "step_slowdown_total",
             "cpu_step_slowdown",
+            "decode_step_slowdown",
+            "copying_step_fraction",
+            "step_slowdown_copying",
+            "step_slowdown_quiet",
             "step_cpu_share",
             "step_time_median_s",
             "step_tokens_median",
@@ -591,33 +627,37 @@ def _notes(meta: dict[str, Any], runs: list[dict[str, Any]]) -> list[str]:
         model = meta["step_cost_model"]
         worst = max(by_name[n]["step_slowdown"] for n in tiers)
         holds = worst <= 1.10
+
+        def each(key: str, fmt: str = "{:.3f}", names: list[str] | None = None) -> str:
+            names = names or [r["name"] for r in ok]
+            return ", ".join(f"{n} {fmt.format(by_name[n][key])}" for n in names)
+
         notes.append(
             "**Point 2 — a swapping replay within 10% of the resident step time.** Step cost "
-            f"t = c0 + c1·tokens + c2·attention + c3·seqs fitted on the resident run's "
+            "t = c0 + c1·tokens + c2·attention + c3·seqs fitted on the resident run's "
             f"{model['steps']:,} steps (R² {model['r2']:.2f}); median actual/predicted step "
-            "time: "
-            + ", ".join(f"{r['name']} {r['summary']['step_slowdown']:.3f}" for r in ok)
-            + f". Worst tiers run {worst:.3f} against the 1.10 limit: "
-            + ("**holds.**" if holds else "**does not hold.**")
-            + " The same on main-thread CPU time (insensitive to other processes taking the "
-            "cores): "
-            + ", ".join(f"{r['name']} {r['summary']['cpu_step_slowdown']:.3f}" for r in ok)
-            + "; median CPU share of a step: "
-            + ", ".join(f"{r['name']} {_pct(r['summary']['step_cpu_share'])}" for r in ok)
-            + ". Raw median step times (different batch compositions, not comparable): "
-            + ", ".join(
-                f"{r['name']} {1e3 * r['summary']['step_time_median_s']:.1f} ms" for r in ok
-            )
-            + ". Time in steps per computed token: "
-            + ", ".join(
-                f"{r['name']} {1e3 * r['summary']['step_time_per_token_s']:.2f} ms" for r in ok
-            )
-            + "; steps that ran nothing while turns waited for KV: "
+            f"time (`step_slowdown`): {each('step_slowdown')}. Worst tiers run {worst:.3f} "
+            "against the 1.10 limit: " + ("**holds.**" if holds else "**does not hold.**")
+        )
+        notes.append(
+            "Cross-checks on the same steps. On main-thread CPU time instead of wall time: "
+            f"{each('cpu_step_slowdown')} (median CPU share of a step: "
+            f"{each('step_cpu_share', '{:.1%}')}). Without a model, decode-only steps against "
+            f"resident decode steps of the same batch size: {each('decode_step_slowdown')}. "
+            "Within each tiers run, so free of drift between runs: KV copies were in flight "
+            f"beside {each('copying_step_fraction', '{:.0%}', tiers)} of the steps; those "
+            f"steps' slowdown {each('step_slowdown_copying', names=tiers)}, the other steps' "
+            f"{each('step_slowdown_quiet', names=tiers)}. Raw median step times (different "
+            f"batch compositions, not comparable): {each('step_time_median_s', '{:.4f} s')}. "
+            f"Time in steps per computed token: {each('step_time_per_token_s', '{:.4f} s')}. "
+            f"Steps that ran nothing while turns waited for KV: "
             + ", ".join(
                 f"{n} {by_name[n]['stall_steps']} ({by_name[n]['stall_time_s']:.1f} s)"
                 for n in tiers
             )
-            + "."
+            + ". The runs go one after another on a machine shared with other work, so the "
+            "load they see differs; the within-run split is the least disturbed measure of "
+            "what the copies themselves cost."
         )
     return notes
 
@@ -676,6 +716,7 @@ def run(args: argparse.Namespace) -> int:
     live_kv: dict[str, Any] = {}
     step_model: dict[str, float] = {}
     cpu_model: dict[str, float] = {}
+    resident_steps: list[tuple[float, int, int, int, float, int]] = []
     for name in order:
         if name == "resident":
             block_size = CacheConfig().block_size  # the block size LLM(...) gets
@@ -727,8 +768,11 @@ def run(args: argparse.Namespace) -> int:
             sizing = _size_tiers(live_kv, args.device_frac, args.host_frac, reserve)
             step_model = fit_step_cost(result["steps"])
             cpu_model = fit_step_cost(result["steps"], time_index=4)
+            resident_steps = result["steps"]
         summary.update(step_slowdown(step_model, result["steps"]))
         summary.update(step_slowdown(cpu_model, result["steps"], 4, "cpu_step_slowdown"))
+        summary["decode_step_slowdown"] = decode_step_slowdown(resident_steps, result["steps"])
+        summary.update(copy_overlap(step_model, result["steps"]))
         summary["step_cpu_share"] = (
             statistics.median(s[4] / s[0] for s in result["steps"] if s[0] > 0)
             if result["steps"]
@@ -742,7 +786,7 @@ def run(args: argparse.Namespace) -> int:
                 "summary": summary,
                 "turns": result["turns"],
                 "step_fields": list(STEP_FIELDS),
-                "steps": [[round(s[0], 6), *s[1:4], round(s[4], 6)] for s in result["steps"]],
+                "steps": [[round(s[0], 6), *s[1:4], round(s[4], 6), s[5]] for s in result["steps"]],
             }
         )
     meta = {

@@ -187,10 +187,11 @@ class TierManager:
         checked that the pool can give ``len(wanted)`` blocks."""
         if not wanted:
             return None
-        blocks = self.pool.allocate(len(wanted))
-        items: list[TransferItem] = []
+        # Take the host sources first: allocating device blocks may evict, eviction copies
+        # out to host, and a full host evicts its idle entries, possibly the ones wanted here.
         busy: list[HostEntry] = []
-        for (key, parent, tokens, position, tier), block in zip(wanted, blocks, strict=True):
+        slots: list[int] = []
+        for key, _, _, _, tier in wanted:
             slot = -1
             if tier == Tier.HOST:
                 assert self.host is not None
@@ -198,6 +199,12 @@ class TierManager:
                 entry.busy += 1
                 busy.append(entry)
                 slot = entry.slot
+            slots.append(slot)
+        blocks = self.pool.allocate(len(wanted))
+        items: list[TransferItem] = []
+        for (key, parent, tokens, position, tier), slot, block in zip(
+            wanted, slots, blocks, strict=True
+        ):
             items.append(
                 TransferItem(key, parent, tokens, position, tier, slot, Tier.DEVICE, block.block_id)
             )
