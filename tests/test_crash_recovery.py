@@ -124,6 +124,4 @@ def test_sigkill_mid_turn_then_restart_continues_every_conversation(tmp_path):
             fresh.chat([{"role": "user", "content": q}], PARAMS, session_id=f"c{c}")[0]
             for c, q in enumerate(QUESTIONS[2])
         ]
-    assert [o.outputs[0].token_ids for o in continued] == [
-        o.outputs[0].token_ids for o in expected
-    ]
+    assert [o.outputs[0].token_ids for o in continued] == [o.outputs[0].token_ids for o in expected]

@@ -72,18 +72,21 @@ def test_streaming_chat_with_usage_and_logprobs(client):
 
 
 def test_completions_text_and_tokens(client):
-    reply = client.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=5,
-                                      temperature=0)
+    reply = client.completions.create(
+        model=MODEL, prompt="Once upon a time", max_tokens=5, temperature=0
+    )
     assert reply.choices[0].finish_reason in ("stop", "length")
     assert reply.usage.completion_tokens <= 5
-    by_ids = client.completions.create(model=MODEL, prompt=[1, 2, 3, 4], max_tokens=3,
-                                       temperature=0, logprobs=2)
+    by_ids = client.completions.create(
+        model=MODEL, prompt=[1, 2, 3, 4], max_tokens=3, temperature=0, logprobs=2
+    )
     logprobs = by_ids.choices[0].logprobs
     assert len(logprobs.tokens) == by_ids.usage.completion_tokens
     streamed = "".join(
         c.choices[0].text
-        for c in client.completions.create(model=MODEL, prompt="Once upon a time",
-                                           max_tokens=5, temperature=0, stream=True)
+        for c in client.completions.create(
+            model=MODEL, prompt="Once upon a time", max_tokens=5, temperature=0, stream=True
+        )
         if c.choices
     )
     assert streamed == reply.choices[0].text
@@ -93,14 +96,16 @@ def test_resent_history_reuses_the_generated_tokens(server, client):
     """A stateless client resends the conversation with the server's own reply as text; the
     server splices the exact generated ids back in, so the whole history is a cache hit."""
     messages = [{"role": "user", "content": "Tell me about the sea, briefly please."}]
-    first = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=40,
-                                           temperature=0)
+    first = client.chat.completions.create(
+        model=MODEL, messages=messages, max_tokens=40, temperature=0
+    )
     messages += [
         {"role": "assistant", "content": first.choices[0].message.content},
         {"role": "user", "content": "And the mountains?"},
     ]
-    second = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=4,
-                                            temperature=0)
+    second = client.chat.completions.create(
+        model=MODEL, messages=messages, max_tokens=4, temperature=0
+    )
     history = first.usage.prompt_tokens + first.usage.completion_tokens
     cached = second.usage.prompt_tokens_details.cached_tokens
     assert cached >= (history - 1) // 16 * 16
@@ -135,8 +140,9 @@ def test_session_header_continues_with_only_new_messages(server, client):
     )
     before = second.usage.prompt_tokens + second.usage.completion_tokens
     assert before < third.usage.prompt_tokens < before + 32
-    hint = httpx.post(server.base_url + "/v1/sessions/sess-a/hint",
-                      json={"expected_arrival_s": 1.0})
+    hint = httpx.post(
+        server.base_url + "/v1/sessions/sess-a/hint", json={"expected_arrival_s": 1.0}
+    )
     assert hint.status_code == 200 and sum(hint.json()["blocks_by_tier"].values()) > 0
     assert httpx.delete(server.base_url + "/v1/sessions/sess-a").status_code == 200
     assert httpx.post(server.base_url + "/v1/sessions/nope/hint", json={}).status_code == 404
@@ -165,6 +171,7 @@ def test_bad_requests_get_clear_4xx(server, client):
     assert wrong_type.status_code == 400
     assert "messages" in wrong_type.json()["error"]["message"]
     # ...and it still serves.
-    ok = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}],
-                                        max_tokens=2)
+    ok = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=2
+    )
     assert ok.choices[0].message.content is not None
