@@ -99,9 +99,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--start-rate",
-        default="auto",
-        help="sessions/s of the first trial; auto: from the latency of one turn "
-        "(the rate that would keep a one-request-at-a-time server 60%% busy)",
+        default="0.05",
+        help="sessions/s of the first trial, the same for every system (default %(default)s); "
+        "auto: from the latency of one turn (the rate that would keep a one-request-at-a-time "
+        "server 60%% busy; sensitive to other load on the machine)",
     )
     parser.add_argument("--max-trials", type=int, default=5, help="trials per system")
     parser.add_argument(
