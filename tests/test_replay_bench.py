@@ -155,6 +155,7 @@ def test_copy_overlap_splits_steps_by_copies_in_flight() -> None:
     assert split["copying_step_fraction"] == pytest.approx(0.5)
     assert split["step_slowdown_copying"] == pytest.approx(1.3)
     assert split["step_slowdown_quiet"] == pytest.approx(1.0)
+    assert split["copy_step_overhead"] == pytest.approx(1.3)
     assert math.isnan(copy_overlap(model, quiet)["step_slowdown_copying"])
 
 
@@ -170,6 +171,7 @@ def _run_summary(redundant: float, slowdown: float) -> dict:
         "copying_step_fraction": 0.4,
         "step_slowdown_copying": slowdown,
         "step_slowdown_quiet": 1.0,
+        "copy_step_overhead": slowdown,
         "step_time_median_s": 0.08,
         "step_time_per_token_s": 0.007,
         "stall_steps": 3,
@@ -206,6 +208,7 @@ def test_acceptance_notes_state_each_point() -> None:
     text = "\n".join(_notes(meta, runs))
     assert "tiers-lru 3.0%" in text and "**Does not hold.**" in text
     assert "tiers-lru 1.200" in text and "**does not hold.**" in text
+    assert "tiers-lru +20.0%" in text and "Disturbed" not in text
     runs[3] = {"name": "tiers-lru", "config": {}, "error": "KeyError: x", "summary": {}}
     verdict = _acceptance(runs)
     assert verdict["point1_holds"] and verdict["point2_holds"]

@@ -255,10 +255,13 @@ def copy_overlap(model: dict[str, float], steps: Sequence[Sequence[float]]) -> d
     copying = [s for s in steps if len(s) > 5 and s[5]]
     quiet = [s for s in steps if not (len(s) > 5 and s[5])]
     nan = float("nan")
+    with_copies = step_slowdown(model, copying)["step_slowdown"] if copying else nan
+    without = step_slowdown(model, quiet)["step_slowdown"] if quiet else nan
     return {
         "copying_step_fraction": len(copying) / len(steps) if steps else nan,
-        "step_slowdown_copying": step_slowdown(model, copying)["step_slowdown"] if copying else nan,
-        "step_slowdown_quiet": step_slowdown(model, quiet)["step_slowdown"] if quiet else nan,
+        "step_slowdown_copying": with_copies,
+        "step_slowdown_quiet": without,
+        "copy_step_overhead": with_copies / without if without > 0 else nan,
     }
 
 
@@ -557,6 +560,7 @@ TABLES = [
             "copying_step_fraction",
             "step_slowdown_copying",
             "step_slowdown_quiet",
+            "copy_step_overhead",
             "step_cpu_share",
             "step_time_median_s",
             "step_tokens_median",
@@ -657,8 +661,26 @@ def _notes(meta: dict[str, Any], runs: list[dict[str, Any]]) -> list[str]:
             )
             + ". The runs go one after another on a machine shared with other work, so the "
             "load they see differs; the within-run split is the least disturbed measure of "
-            "what the copies themselves cost."
+            "what the copies themselves cost: copies in flight made a step "
+            + ", ".join(
+                f"{n} {by_name[n]['copy_step_overhead'] - 1:+.1%}"
+                for n in tiers
+                if math.isfinite(by_name[n]["copy_step_overhead"])
+            )
+            + " slower than the same run's other steps."
         )
+        disturbed = [r["name"] for r in ok if r["summary"]["step_cpu_share"] < 0.95]
+        if disturbed:
+            notes.append(
+                "**Disturbed runs:** "
+                + ", ".join(
+                    f"{n} (its main thread got {by_name[n]['step_cpu_share']:.0%} of a core "
+                    "during steps)"
+                    for n in disturbed
+                )
+                + ": other processes took the machine during these runs, so their step times "
+                "and TTFTs measure the machine as much as the engine."
+            )
     return notes
 
 
