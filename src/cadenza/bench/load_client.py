@@ -167,6 +167,10 @@ async def _stream_turn(
     record.e2e_s = end - sent
     if not record.output_tokens:
         record.output_tokens = record._chunks
+    if record._first is None:
+        # A stream that ends without a single token is a failed turn, not a fast one.
+        record.status, record.error = "error", "the reply stream ended without any content"
+        return ""
     if record._first is not None and record._last is not None and record.output_tokens > 1:
         record.tpot_s = (record._last - record._first) / (record.output_tokens - 1)
     record.status = "ok"
@@ -313,7 +317,9 @@ def run_trial(
 ) -> dict[str, Any]:
     """:func:`run_trial_async` with its own event loop; adds the summary."""
     raw = asyncio.run(run_trial_async(cfg, plans, progress=progress))
-    raw["summary"] = summarize_trial(raw["turns"], raw["elapsed_s"], raw["sessions"])
+    raw["summary"] = summarize_trial(
+        raw["turns"], raw["elapsed_s"], raw["sessions"], max_output=cfg.max_output
+    )
     return raw
 
 
@@ -327,7 +333,7 @@ def _pcts(values: Sequence[float], prefix: str) -> dict[str, float]:
 
 
 def summarize_trial(
-    turns: Sequence[dict[str, Any]], elapsed_s: float, sessions: int
+    turns: Sequence[dict[str, Any]], elapsed_s: float, sessions: int, max_output: int = 0
 ) -> dict[str, Any]:
     """The per-trial numbers of the report (see the module docstring for the TTFT rules)."""
     statuses = [t["status"] for t in turns]
@@ -350,6 +356,9 @@ def summarize_trial(
         "turns_completed": len(ok),
         "turns_censored": statuses.count("censored"),
         "turns_incomplete": statuses.count("incomplete"),
+        "turns_short": sum(
+            1 for t in ok if max_output and int(t.get("output_tokens") or 0) < max_output
+        ),
         "errors": statuses.count("error"),
         "http_429": statuses.count("http_429"),
         **_pcts(ttfts, "ttft"),

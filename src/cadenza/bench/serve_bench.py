@@ -81,7 +81,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--slo-tpot-s", type=float, default=None, help="optional p90 TPOT target (default: none)"
     )
     parser.add_argument(
-        "--duration-s", type=float, default=45.0, help="sessions start during this long"
+        "--duration-s", type=float, default=40.0, help="sessions start during this long"
     )
     parser.add_argument(
         "--min-sessions",
@@ -89,7 +89,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=6,
         help="low rates get longer trials, up to --max-duration-s, to start this many sessions",
     )
-    parser.add_argument("--max-duration-s", type=float, default=75.0)
+    parser.add_argument("--max-duration-s", type=float, default=60.0)
     parser.add_argument(
         "--grace-s",
         type=float,
@@ -116,6 +116,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--hint-lead-s", type=float, default=0.0, help="cadenza only; 0 = off")
     parser.add_argument("--threads", type=int, default=2, help="threads of every server")
+    parser.add_argument(
+        "--cadenza-args",
+        default="",
+        help="extra `cadenza serve` flags for both Cadenza systems, e.g. '--kv-disk-gib 0'",
+    )
     parser.add_argument("--n-ctx", type=int, default=4096, help="llama.cpp context")
     parser.add_argument(
         "--llamacpp-python",
@@ -175,6 +180,7 @@ def system_spec(name: str, args: argparse.Namespace, port: int, data_dir: Path) 
     if name in ("cadenza", "cadenza-stateless"):
         cmd = [py, "-m", "cadenza.cli", "serve", "--model", args.model, *host]
         cmd += ["--num-threads", t, "--data-dir", str(data_dir / name), "--log-level", "warning"]
+        cmd += shlex.split(args.cadenza_args or "")
         if name == "cadenza":
             return SystemSpec(
                 name,
@@ -211,12 +217,14 @@ def system_spec(name: str, args: argparse.Namespace, port: int, data_dir: Path) 
         gguf = _gguf_path(args.model)
         cmd = [str(python), "-m", "llama_cpp.server", "--model", str(gguf), *host]
         cmd += ["--n_ctx", str(args.n_ctx), "--n_threads", t, "--n_threads_batch", t]
-        cmd += ["--cache", "true", "--model_alias", args.model]
+        # --interrupt_requests false: by default a new request cuts off the one being streamed
+        # (a single-user setting); a multi-user server must queue it instead.
+        cmd += ["--cache", "true", "--interrupt_requests", "false", "--model_alias", args.model]
         bias = {str(i): -100.0 for i in _SMOLLM2_EOS_IDS}
         return SystemSpec(
             name,
-            "llama-cpp-python server (Q4_1 GGUF as is), prompt cache on (--cache true); "
-            "full history resent",
+            "llama-cpp-python server (Q4_1 GGUF as is), prompt cache on (--cache true), "
+            "requests queued, not interrupted (--interrupt_requests false); full history resent",
             "stateless",
             cmd,
             extra_body={"logit_bias": bias},

@@ -93,7 +93,13 @@ def render_markdown(results: dict[str, Any], name: str = "serve", png: str | Non
         "",
     ]
     if png:
-        lines += [f"![p90 TTFT against session rate]({png})", ""]
+        lines += [
+            f"![p90 TTFT against session rate]({png})",
+            "",
+            "Filled markers: trials that passed; hollow: trials that failed (p90 TTFT over the "
+            "SLO, or too few turns finished).",
+            "",
+        ]
 
     lines += [
         "## Summary",
