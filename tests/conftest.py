@@ -82,16 +82,11 @@ def sharegpt_user_messages(count: int, min_chars: int = 20, max_chars: int = 600
     return found
 
 
-@pytest.fixture(scope="session")
-def tiny_chat_source(smollm2_source):
-    """A tiny random Llama that speaks through SmolLM2's tokenizer and chat template: real
-    chat plumbing (templates, sessions, the HTTP API) at a fraction of the model's cost."""
-    from cadenza.model.source import random_model_source
-
-    tok = smollm2_source.tokenizer
-    config = ModelConfig(
+def chat_config(vocab_size: int, eos: tuple[int, ...]) -> ModelConfig:
+    """A tiny random Llama sized for a real tokenizer's vocabulary."""
+    return ModelConfig(
         architecture="llama",
-        vocab_size=tok.vocab_size,
+        vocab_size=vocab_size,
         hidden_size=64,
         intermediate_size=128,
         num_hidden_layers=2,
@@ -99,7 +94,17 @@ def tiny_chat_source(smollm2_source):
         num_key_value_heads=2,
         max_position_embeddings=4096,
         bos_token_id=None,
-        eos_token_ids=tuple(tok.eos_token_ids),
+        eos_token_ids=eos,
         name="tiny-chat",
     )
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_source(smollm2_source):
+    """A tiny random Llama that speaks through SmolLM2's tokenizer and chat template: real
+    chat plumbing (templates, sessions, the HTTP API) at a fraction of the model's cost."""
+    from cadenza.model.source import random_model_source
+
+    tok = smollm2_source.tokenizer
+    config = chat_config(tok.vocab_size, tuple(tok.eos_token_ids))
     return random_model_source(config, seed=7, tokenizer=tok)

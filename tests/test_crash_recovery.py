@@ -55,7 +55,7 @@ PARAMS = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
 def tokenizer_only_source():
     """Tiny random weights with SmolLM2's tokenizer, identical in every process."""
     from gguf import GGUFReader
-    from tests.test_sessions import chat_config
+    from tests.conftest import chat_config
 
     from cadenza.model.source import random_model_source, smollm2_gguf_path
     from cadenza.model.tokenizer import Tokenizer

@@ -16,35 +16,15 @@ import pytest
 from tests.conftest import SHAREGPT_SAMPLE
 
 from cadenza import LLM, SamplingParams
-from cadenza.config import ModelConfig
-from cadenza.model.source import random_model_source
 
 NUM_CONVERSATIONS = 20
 NUM_TURNS = 4
 MAX_TOKENS = 8
 
 
-def chat_config(vocab_size: int, eos: tuple[int, ...]) -> ModelConfig:
-    return ModelConfig(
-        architecture="llama",
-        vocab_size=vocab_size,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=4096,
-        bos_token_id=None,
-        eos_token_ids=eos,
-        name="tiny-chat",
-    )
-
-
 @pytest.fixture(scope="module")
-def chat_source(smollm2_source):
-    tok = smollm2_source.tokenizer
-    config = chat_config(tok.vocab_size, tuple(tok.eos_token_ids))
-    return random_model_source(config, seed=7, tokenizer=tok)
+def chat_source(tiny_chat_source):
+    return tiny_chat_source
 
 
 @pytest.fixture(scope="module")

@@ -14,6 +14,7 @@ import itertools
 import logging
 import queue
 import threading
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -104,8 +105,6 @@ class AsyncEngine:
                 return
 
     def _step(self, engine: LLMEngine) -> None:
-        import time
-
         start = time.perf_counter()
         try:
             outputs = engine.step()

@@ -61,6 +61,18 @@ def conversation_token_ids(
 ) -> list[int]:
     """The prompt for ``messages`` (generation prompt appended), with every assistant reply
     this server generated for ``tenant`` spliced in as its exact token ids."""
+    try:
+        return _spliced(sessions, messages, memory, tenant)
+    except ValueError:  # the template rewrites earlier turns: render the whole conversation
+        return sessions.require_tokenizer().encode_chat(messages, add_generation_prompt=True)
+
+
+def _spliced(
+    sessions: SessionManager,
+    messages: list[dict[str, Any]],
+    memory: GenerationMemory,
+    tenant: str,
+) -> list[int]:
     tokens: list[int] = []
     prior: list[dict[str, Any]] = []
     pending: list[dict[str, Any]] = []
@@ -72,16 +84,7 @@ def conversation_token_ids(
         if ids is None:
             pending.append(message)
             continue
-        try:
-            tokens += sessions.template_delta(prior, pending, tokens)
-        except ValueError:  # the template rewrites earlier turns: render the whole thing
-            return sessions.require_tokenizer().encode_chat(messages, add_generation_prompt=True)
-        tokens += ids
+        tokens += sessions.template_delta(prior, pending, tokens) + ids
         prior += pending + [message]
         pending = []
-    if not prior:
-        return sessions.require_tokenizer().encode_chat(messages, add_generation_prompt=True)
-    try:
-        return tokens + sessions.template_delta(prior, pending, tokens)
-    except ValueError:
-        return sessions.require_tokenizer().encode_chat(messages, add_generation_prompt=True)
+    return tokens + sessions.template_delta(prior, pending, tokens)

@@ -21,9 +21,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from cadenza.engine import LLMEngine
 from cadenza.server.errors import APIError
-from cadenza.server.response_store import StoredResponse, new_id
-from cadenza.server.state import scoped_session
+from cadenza.server.response_store import ResponseStore, StoredResponse, new_id
+from cadenza.server.state import ServerState, scoped_session
 from cadenza.session.store import ConversationStore
 
 
@@ -107,3 +108,17 @@ def with_instructions(
     if instructions is None or instructions == in_effect:
         return messages, in_effect
     return [{"role": "system", "content": instructions}, *messages], instructions
+
+
+async def release_orphan_session(
+    state: ServerState, store: ResponseStore, session_id: str, tenant: str
+) -> None:
+    """Delete a chain's session once nothing refers to it any more (no stored response or
+    conversation, no response being finalised, no turn in flight): its KV and history go."""
+
+    def collect(engine: LLMEngine) -> None:
+        if store.session_in_use(session_id) or engine.store.pending_turn(session_id):
+            return
+        engine.end_session(session_id, tenant=tenant, delete=True)
+
+    await state.engine.call(collect)

@@ -32,13 +32,11 @@ import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from cadenza.server.state import ServerState
+from cadenza.session.sqlite_db import SqliteDatabase
 
 _SCHEMA = (
     """
@@ -78,7 +76,6 @@ _SCHEMA = (
     )
     """,
 )
-_BUSY_TIMEOUT_MS = 10_000
 
 
 class ConversationBusyError(RuntimeError):
@@ -144,64 +141,18 @@ def new_id(prefix: str) -> str:
     return f"{prefix}_{uuid.uuid4().hex}"
 
 
-class ResponseStore:
+class ResponseStore(SqliteDatabase):
     """Response objects and conversations; safe to share between threads."""
 
     def __init__(self, path: str | os.PathLike[str] | None = None) -> None:
-        self.path = os.fspath(path) if path else ":memory:"
-        if self.path != ":memory:":
-            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
-        self._lock = threading.Lock()
+        super().__init__(path or ":memory:", "response store")
         self._held: Counter[str] = Counter()
-        conn = sqlite3.connect(
-            self.path,
-            timeout=_BUSY_TIMEOUT_MS / 1000,
-            isolation_level=None,
-            check_same_thread=False,
-        )
-        conn.row_factory = sqlite3.Row
-        conn.execute(f"PRAGMA busy_timeout = {_BUSY_TIMEOUT_MS}")
-        if self.path != ":memory:":
-            conn.execute("PRAGMA journal_mode = WAL")
-        conn.execute("PRAGMA synchronous = NORMAL")
-        self._conn: sqlite3.Connection | None = conn
         with self._write() as c:
             for statement in _SCHEMA:
                 c.execute(statement)
             # Whoever held a claim before this process started is gone.
             c.execute("UPDATE api_conversations SET active_request = NULL")
             c.execute("UPDATE api_conversation_items SET claimed_by = NULL WHERE state = 'pending'")
-
-    # -- plumbing --
-
-    @contextmanager
-    def _write(self) -> Iterator[sqlite3.Connection]:
-        with self._lock:
-            conn = self._require_conn()
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                yield conn
-                conn.execute("COMMIT")
-            except BaseException:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-                raise
-
-    @contextmanager
-    def _read(self) -> Iterator[sqlite3.Connection]:
-        with self._lock:
-            yield self._require_conn()
-
-    def _require_conn(self) -> sqlite3.Connection:
-        if self._conn is None:
-            raise RuntimeError("the response store is closed")
-        return self._conn
-
-    def close(self) -> None:
-        with self._lock:
-            if self._conn is not None:
-                self._conn.close()
-                self._conn = None
 
     # -- sessions a response is being finalised on (never garbage-collected meanwhile) --
 

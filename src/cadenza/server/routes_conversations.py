@@ -21,9 +21,9 @@ from typing import Any
 from fastapi import APIRouter, Depends, Query, Request
 from pydantic import BaseModel, ConfigDict, Field
 
-from cadenza.engine import LLMEngine
 from cadenza.server import responses_format as fmt
 from cadenza.server.errors import APIError
+from cadenza.server.response_chain import release_orphan_session
 from cadenza.server.response_store import (
     ConversationBusyError,
     ConversationRecord,
@@ -127,14 +127,7 @@ async def delete_conversation(
         raise _busy(exc) from None
     if record is None:
         raise _not_found(conversation_id)
-    session_id = record.session_id
-
-    def collect_garbage(engine: LLMEngine) -> None:
-        if store.session_in_use(session_id) or engine.store.pending_turn(session_id):
-            return
-        engine.end_session(session_id, tenant=tenant, delete=True)
-
-    await state.engine.call(collect_garbage)
+    await release_orphan_session(state, store, record.session_id, tenant)
     return {"id": conversation_id, "object": "conversation.deleted", "deleted": True}
 
 

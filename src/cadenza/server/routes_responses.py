@@ -61,6 +61,7 @@ from cadenza.server.response_chain import (
     history_upto,
     new_chain_session,
     public_session_id,
+    release_orphan_session,
     with_instructions,
 )
 from cadenza.server.response_store import (
@@ -553,13 +554,7 @@ async def delete_response(
     if session_id is None:
         raise _not_found(response_id)
     if session_id:
-
-        def collect_garbage(engine: LLMEngine) -> None:
-            if store.session_in_use(session_id) or engine.store.pending_turn(session_id):
-                return
-            engine.end_session(session_id, tenant=tenant, delete=True)
-
-        await state.engine.call(collect_garbage)
+        await release_orphan_session(state, store, session_id, tenant)
     return {"id": response_id, "object": "response.deleted", "deleted": True}
 
 

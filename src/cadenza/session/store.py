@@ -36,15 +36,14 @@ import json
 import os
 import sqlite3
 import sys
-import threading
 import time
 import uuid
 from array import array
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
+
+from cadenza.session.sqlite_db import SqliteDatabase
 
 __all__ = [
     "ConversationStore",
@@ -56,7 +55,6 @@ __all__ = [
 
 SCHEMA_VERSION = 1
 TURN_STATUSES = ("pending", "complete", "aborted", "interrupted")
-_BUSY_TIMEOUT_MS = 10_000
 
 _SCHEMA = (
     """
@@ -207,7 +205,7 @@ def _turn_from_row(row: sqlite3.Row) -> TurnRecord:
 # --- the store ---------------------------------------------------------------------------------
 
 
-class ConversationStore:
+class ConversationStore(SqliteDatabase):
     """Sessions and their turns, durable across crashes; safe to share between threads.
 
     ``clock`` (default ``time.time``) supplies every timestamp; tests inject a fake one.
@@ -219,32 +217,12 @@ class ConversationStore:
         *,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        self.path = os.fspath(path)
+        super().__init__(path, "conversation store")
         self._clock = clock
-        self._lock = threading.Lock()
-        in_memory = self.path == ":memory:"
-        if not in_memory:
-            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
-        # isolation_level=None: no implicit transactions; _write() issues BEGIN IMMEDIATE itself.
-        conn = sqlite3.connect(
-            self.path,
-            timeout=_BUSY_TIMEOUT_MS / 1000,
-            isolation_level=None,
-            check_same_thread=False,
-        )
         try:
-            conn.row_factory = sqlite3.Row
-            conn.execute(f"PRAGMA busy_timeout = {_BUSY_TIMEOUT_MS}")
-            if in_memory:
-                self.journal_mode = conn.execute("PRAGMA journal_mode").fetchone()[0]
-            else:
-                self.journal_mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
-            conn.execute("PRAGMA synchronous = NORMAL")
-            conn.execute("PRAGMA foreign_keys = ON")
-            self._conn: sqlite3.Connection | None = conn
             self._migrate()
         except BaseException:
-            conn.close()
+            self.close()
             raise
 
     def _migrate(self) -> None:
@@ -259,38 +237,6 @@ class ConversationStore:
                 for statement in _SCHEMA:
                     conn.execute(statement)
                 conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-
-    # -- plumbing --
-
-    def _require_conn(self) -> sqlite3.Connection:
-        if self._conn is None:
-            raise RuntimeError("the conversation store is closed")
-        return self._conn
-
-    @contextmanager
-    def _write(self) -> Iterator[sqlite3.Connection]:
-        """One write transaction, taken up front so that reads inside it cannot go stale."""
-        with self._lock:
-            conn = self._require_conn()
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                yield conn
-                conn.execute("COMMIT")
-            except BaseException:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-                raise
-
-    @contextmanager
-    def _read(self) -> Iterator[sqlite3.Connection]:
-        with self._lock:
-            yield self._require_conn()
-
-    def close(self) -> None:
-        with self._lock:
-            if self._conn is not None:
-                self._conn.close()
-                self._conn = None
 
     def __enter__(self) -> ConversationStore:
         return self
