@@ -41,11 +41,11 @@ class RunningServer:
         return self.state.engine.engine
 
 
-def engine_config(store: str | None = None, **cache: Any) -> EngineConfig:
+def engine_config(store: str | None = None, model: str = MODEL, **cache: Any) -> EngineConfig:
     scheduler = {k: cache.pop(k) for k in ("max_num_seqs", "max_num_batched_tokens") if k in cache}
     cache.setdefault("num_blocks", 256)
     return EngineConfig(
-        model=MODEL,
+        model=model,
         cache=CacheConfig(**cache),
         scheduler=SchedulerConfig(**scheduler),
         session_store_path=store,
@@ -63,16 +63,17 @@ def running_server(
     max_waiting: int = 256,
     max_body_bytes: int = 1 << 20,
     metrics: bool = True,
+    model: str = MODEL,
     **cache: Any,
 ) -> Iterator[RunningServer]:
-    config = engine_config(store, **cache)
-    server_metrics = ServerMetrics(MODEL) if metrics else None
+    config = engine_config(store, model, **cache)
+    server_metrics = ServerMetrics(model) if metrics else None
     engine = AsyncEngine(
         lambda: LLMEngine(config, source),
         max_waiting=max_waiting,
         on_step=server_metrics.on_step if server_metrics is not None else None,
     )
-    state = ServerState.with_keys(engine, MODEL, api_keys or [], max_body_bytes=max_body_bytes)
+    state = ServerState.with_keys(engine, model, api_keys or [], max_body_bytes=max_body_bytes)
     if server_metrics is not None:
         state.extras["metrics"] = server_metrics
     port = free_port()
