@@ -301,7 +301,8 @@ class LLMEngine:
                 self.tiers.poll(wait_s=0.05)  # turns wait for their KV to arrive
             self.tiers.maintain()
             return []
-        sampled = self.runner.execute(plan, self.scheduler.kv)
+        with self.swap.computing():  # background KV copies wait out the forward pass
+            sampled = self.runner.execute(plan, self.scheduler.kv)
         tokens = {rid: s.token_id for rid, s in sampled.items()}
         updated = self.scheduler.update_from_output(plan, tokens)
         results = []

@@ -5,19 +5,28 @@ the critical path. Jobs run on one background thread in priority order (host→d
 within a job, runs of consecutive source and destination slots move as one strided slice copy per
 group, so a 32-block swap is a handful of large copies. On CUDA the host tensor is pinned and
 copies run on their own stream, ordered after the compute that wrote the blocks.
+
+On a CPU there is no copy engine: a copy running during a forward pass takes cores and memory
+bandwidth from it. So background work (copies out, write-through, hint fetches) runs in slices of
+a few MiB and starts a slice only while the engine is not inside a forward pass
+(:meth:`SwapEngine.computing`): it fills the gaps between steps and the idle time between
+turns, and overlaps a step by at most one slice. A fetch that an admitted turn waits for is
+urgent and runs at once, between the slices of any background job.
 """
 
 from __future__ import annotations
 
+import contextlib
+import heapq
 import itertools
-import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Iterator
 
 import torch
 
-from cadenza.core.transfer import Tier, TransferItem, TransferJob
+from cadenza.core.transfer import JobKind, Tier, TransferItem, TransferJob
 from cadenza.kvstore.disk_tier import DiskTier
 
 
@@ -34,11 +43,21 @@ def _runs(pairs: list[tuple[int, int]]) -> Iterator[tuple[int, int, int]]:
             start = i
 
 
+def is_urgent(job: TransferJob) -> bool:
+    """A fetch an admitted turn waits for; everything else is background work."""
+    return job.kind == JobKind.FETCH and not (job.owner or "").startswith("hint:")
+
+
 class SwapEngine:
     """A ``TransferExecutor`` over real tensors and files."""
 
     def __init__(
-        self, device_kv: torch.Tensor, host_slots: int, disk: DiskTier | None = None
+        self,
+        device_kv: torch.Tensor,
+        host_slots: int,
+        disk: DiskTier | None = None,
+        *,
+        slice_bytes: int = 8 << 20,
     ) -> None:
         self.device_kv = device_kv  # [layers, 2, blocks, block_size, kv_heads, head_dim]
         self.disk = disk
@@ -54,13 +73,16 @@ class SwapEngine:
         self.block_bytes = device_kv[:, :, 0].numel() * device_kv.element_size()
         self._staging = torch.empty(block_shape, dtype=device_kv.dtype)
         self._stream = torch.cuda.Stream(device=device_kv.device) if self.on_cuda else None
-        self._queue: queue.PriorityQueue[tuple[int, int, TransferJob | None]] = (
-            queue.PriorityQueue()
-        )
+        # Blocks per background slice; copies on CUDA overlap compute for real and run whole.
+        self.slice_blocks = max(1, slice_bytes // max(self.block_bytes, 1))
+        self._yield_to_compute = not self.on_cuda
+        self._urgent: deque[TransferJob] = deque()
+        self._background: list[tuple[int, int, TransferJob]] = []  # heap by priority
         self._seq = itertools.count()
         self._done: list[TransferJob] = []
         self._cond = threading.Condition()
         self._in_flight = 0
+        self._computing = False
         self._closed = False
         self._thread = threading.Thread(target=self._loop, name="cadenza-swap", daemon=True)
         self._thread.start()
@@ -70,7 +92,23 @@ class SwapEngine:
         self._record_ready(job)
         with self._cond:
             self._in_flight += 1
-        self._queue.put((job.priority, next(self._seq), job))
+            if is_urgent(job):
+                self._urgent.append(job)
+            else:
+                heapq.heappush(self._background, (job.priority, next(self._seq), job))
+            self._cond.notify_all()
+
+    @contextlib.contextmanager
+    def computing(self) -> Iterator[None]:
+        """Marks a forward pass: background slices do not start inside it."""
+        with self._cond:
+            self._computing = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._computing = False
+                self._cond.notify_all()
 
     def run_now(self, job: TransferJob) -> None:
         with self._cond:
@@ -95,8 +133,9 @@ class SwapEngine:
 
     def close(self) -> None:
         if not self._closed:
-            self._closed = True
-            self._queue.put((-1, -1, None))
+            with self._cond:
+                self._closed = True
+                self._cond.notify_all()
             self._thread.join(timeout=30)
 
     # ------------------------------------------------------------------------- copies
@@ -108,16 +147,36 @@ class SwapEngine:
 
     def _loop(self) -> None:
         while True:
-            _, _, job = self._queue.get()
-            if job is None:
+            with self._cond:
+                self._cond.wait_for(lambda: self._urgent or self._background or self._closed)
+                if self._urgent:
+                    job = self._urgent.popleft()
+                elif self._background:
+                    job = heapq.heappop(self._background)[2]
+                else:
+                    return  # closed and drained
+            self._execute(job)
+
+    def _execute(self, job: TransferJob) -> None:
+        try:
+            self._run(job)
+        finally:
+            with self._cond:
+                self._in_flight -= 1
+                self._done.append(job)
+                self._cond.notify_all()
+
+    def _await_slice(self) -> None:
+        """Before a background slice: run urgent jobs first, and wait out a forward pass."""
+        if not self._yield_to_compute:
+            return
+        while True:
+            with self._cond:
+                self._cond.wait_for(lambda: self._urgent or not self._computing or self._closed)
+                urgent = self._urgent.popleft() if self._urgent else None
+            if urgent is None:
                 return
-            try:
-                self._run(job)
-            finally:
-                with self._cond:
-                    self._in_flight -= 1
-                    self._done.append(job)
-                    self._cond.notify_all()
+            self._execute(urgent)
 
     @torch.inference_mode()
     def _run(self, job: TransferJob) -> None:
@@ -141,16 +200,21 @@ class SwapEngine:
     def _run_items(self, job: TransferJob) -> None:
         # Items run in order, grouped by (source, destination): spills of a host slot come
         # before the copy that overwrites it.
+        background = not is_urgent(job)
         for (src, dst), group in itertools.groupby(job.items, key=lambda i: (i.src, i.dst)):
             items = list(group)
-            if dst == Tier.DISK:
-                for item in items:
-                    self._write_disk(job, item)
-            elif src == Tier.DISK:
-                for item in items:
-                    self._read_disk(job, item)
-            else:
-                self._copy_tensor(job, src, dst, items)
+            for start in range(0, len(items), self.slice_blocks):
+                if background:
+                    self._await_slice()
+                part = items[start : start + self.slice_blocks]
+                if dst == Tier.DISK:
+                    for item in part:
+                        self._write_disk(job, item)
+                elif src == Tier.DISK:
+                    for item in part:
+                        self._read_disk(job, item)
+                else:
+                    self._copy_tensor(job, src, dst, part)
 
     def _tensor(self, tier: Tier) -> torch.Tensor:
         if tier == Tier.DEVICE:

@@ -24,8 +24,13 @@ class PrefillChunk:
     start: int  # first query row in the flat batch
     query_len: int
     context_len: int
-    # Causal mask offset by the cached length; None when nothing is cached before the chunk.
+    # Additive causal mask (0 / -inf) offset by the cached length, float32; None when nothing
+    # is cached before the chunk. Additive rather than boolean: SDPA's CPU kernel converts a
+    # boolean mask to this form on every call, and it is the same for every layer.
     mask: torch.Tensor | None
+    # First block id when the chunk's blocks are consecutive in the pool, so its history is a
+    # plain slice of the cache rather than a gather; None otherwise.
+    first_block: int | None = None
 
 
 @dataclass
@@ -33,7 +38,7 @@ class DecodeBatch:
     rows: torch.Tensor  # query rows of the single-token sequences
     block_table: torch.Tensor  # their block tables
     max_len: int
-    mask: torch.Tensor | None  # [B, 1, 1, max_len] key padding mask; None if lengths agree
+    mask: torch.Tensor | None  # [B, 1, 1, max_len] additive key padding mask; None if all agree
 
 
 @dataclass
@@ -55,11 +60,13 @@ def prepare_torch_attention(meta: AttentionMetadata) -> TorchAttentionPlan:
             decode_rows.append(start)
             decode_seqs.append(seq)
         else:
-            mask = None
+            mask = first_block = None
             if q_len != ctx_len:
                 q_pos = torch.arange(ctx_len - q_len, ctx_len, device=device)
-                mask = q_pos[:, None] >= torch.arange(ctx_len, device=device)[None, :]
-            prefills.append(PrefillChunk(seq, start, q_len, ctx_len, mask))
+                visible = q_pos[:, None] >= torch.arange(ctx_len, device=device)[None, :]
+                mask = _additive(visible)
+                first_block = _first_of_consecutive(meta.block_table[seq], ctx_len, meta.block_size)
+            prefills.append(PrefillChunk(seq, start, q_len, ctx_len, mask, first_block))
         start += q_len
     decode = None
     if decode_rows:
@@ -69,7 +76,7 @@ def prepare_torch_attention(meta: AttentionMetadata) -> TorchAttentionPlan:
         if min(lens_cpu) != max_len:
             lens = torch.tensor(lens_cpu, device=device)
             positions = torch.arange(max_len, device=device)
-            mask = (positions[None, :] < lens[:, None])[:, None, None, :]
+            mask = _additive((positions[None, :] < lens[:, None])[:, None, None, :])
         decode = DecodeBatch(
             rows=torch.tensor(decode_rows, device=device),
             block_table=meta.block_table.index_select(0, torch.tensor(decode_seqs, device=device)),
@@ -77,6 +84,26 @@ def prepare_torch_attention(meta: AttentionMetadata) -> TorchAttentionPlan:
             mask=mask,
         )
     return TorchAttentionPlan(prefills, decode)
+
+
+def _additive(visible: torch.Tensor) -> torch.Tensor:
+    return torch.zeros(visible.shape, device=visible.device).masked_fill_(~visible, float("-inf"))
+
+
+def _first_of_consecutive(table_row: torch.Tensor, length: int, block_size: int) -> int | None:
+    blocks = table_row[: -(-length // block_size)]
+    first = int(blocks[0])
+    expected = torch.arange(first, first + blocks.numel(), device=blocks.device)
+    return first if bool((blocks == expected).all()) else None
+
+
+def _history(cache: torch.Tensor, chunk: PrefillChunk, table: torch.Tensor) -> torch.Tensor:
+    """``[1, kv_heads, context_len, head_dim]`` keys or values of one chunk's sequence."""
+    if chunk.first_block is None:
+        return gather_kv(cache, table, chunk.context_len)
+    num_blocks = -(-chunk.context_len // cache.shape[1])
+    rows = cache[chunk.first_block : chunk.first_block + num_blocks].flatten(0, 1)
+    return rows[: chunk.context_len].transpose(0, 1).unsqueeze(0)
 
 
 def gather_kv(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> torch.Tensor:
@@ -115,13 +142,13 @@ def paged_attention_torch(
             o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
         else:
             table = meta.block_table[chunk.seq : chunk.seq + 1]
-            k = gather_kv(key_cache, table, chunk.context_len)
-            v = gather_kv(value_cache, table, chunk.context_len)
+            k = _history(key_cache, chunk, table)
+            v = _history(value_cache, chunk, table)
             o = F.scaled_dot_product_attention(
                 q,
                 k,
                 v,
-                attn_mask=chunk.mask,
+                attn_mask=_as(chunk.mask, query.dtype),
                 is_causal=chunk.mask is None,
                 scale=scale,
                 enable_gqa=gqa,
@@ -147,5 +174,9 @@ def _decode_batch(
     # One query token per sequence: the query heads sharing a kv head become that head's
     # "query rows", so grouped-query attention needs no K/V expansion.
     q = query.index_select(0, decode.rows).view(batch, num_kv_heads, -1, query.shape[-1])
-    o = F.scaled_dot_product_attention(q, k, v, attn_mask=decode.mask, scale=scale)
+    o = F.scaled_dot_product_attention(q, k, v, attn_mask=_as(decode.mask, q.dtype), scale=scale)
     out.index_copy_(0, decode.rows, o.reshape(batch, -1, query.shape[-1]))
+
+
+def _as(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    return mask if mask is None or mask.dtype == dtype else mask.to(dtype)
