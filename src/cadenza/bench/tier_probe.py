@@ -233,7 +233,8 @@ def _history_ttft(source, args: argparse.Namespace) -> dict[str, Any]:
     with LLM(
         source=source,
         num_threads=args.threads,
-        num_kv_blocks=400,
+        # Room for about three histories: three filler turns push a session out to host.
+        num_kv_blocks=args.history_tokens * 16 // 80,
         host_num_blocks=4096,
         kv_cost_model="linear",
     ) as llm:
