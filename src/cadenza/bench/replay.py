@@ -361,7 +361,7 @@ def _drive(
                 skipped += max(0.0, events[0][0] - now)
             continue
         probe.plan = None
-        copying = int(engine.tiers.num_pending_jobs > 0)  # KV copies run beside this step
+        copying = int(engine.tiers.num_pending_jobs > 0)  # KV copies queued beside this step
         c0 = time.thread_time()
         t0 = time.perf_counter()
         outputs = engine.step()
@@ -648,8 +648,10 @@ def _notes(meta: dict[str, Any], runs: list[dict[str, Any]]) -> list[str]:
             f"{each('cpu_step_slowdown')} (median CPU share of a step: "
             f"{each('step_cpu_share', '{:.1%}')}). Without a model, decode-only steps against "
             f"resident decode steps of the same batch size: {each('decode_step_slowdown')}. "
-            "Within each tiers run, so free of drift between runs: KV copies were in flight "
-            f"beside {each('copying_step_fraction', '{:.0%}', tiers)} of the steps; those "
+            "Within each tiers run, so free of drift between runs: KV copies were queued "
+            "(on a CPU they start a slice only between forward passes, so at most one slice "
+            "overlaps a step) beside "
+            f"{each('copying_step_fraction', '{:.0%}', tiers)} of the steps; those "
             f"steps' slowdown {each('step_slowdown_copying', names=tiers)}, the other steps' "
             f"{each('step_slowdown_quiet', names=tiers)}. Raw median step times (different "
             f"batch compositions, not comparable): {each('step_time_median_s', '{:.4f} s')}. "
@@ -661,7 +663,7 @@ def _notes(meta: dict[str, Any], runs: list[dict[str, Any]]) -> list[str]:
             )
             + ". The runs go one after another on a machine shared with other work, so the "
             "load they see differs; the within-run split is the least disturbed measure of "
-            "what the copies themselves cost: copies in flight made a step "
+            "what the copies themselves cost: queued copies made a step "
             + ", ".join(
                 f"{n} {by_name[n]['copy_step_overhead'] - 1:+.1%}"
                 for n in tiers

@@ -370,7 +370,9 @@ def render_markdown(result: dict[str, Any], repeats: int) -> str:
         f"{t['ttft_host_hit_with_hint_s'] * 1e3:.1f} |",
         "",
         *_ratio_lines(t),
-        f"- hinted host hit / device hit (same engine): **{t['ratio_hinted_vs_device_hit']:.2f}×**",
+        f"- hinted host hit / device hit (same engine): **{t['ratio_hinted_vs_device_hit']:.2f}×** "
+        "(median of per-repetition ratios; a repetition runs its three tiered cases back to "
+        "back, each after the copies it queued have landed)",
         f"- unhinted host hit / device hit (same engine): {t['ratio_host_vs_device_hit']:.2f}×",
         "",
         "The FLOP floor is the ratio a compute-bound engine would show if attention over the "
