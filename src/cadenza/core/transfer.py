@@ -65,6 +65,11 @@ class TransferJob:
     def priority(self) -> int:
         return PRIORITY[self.kind]
 
+    @property
+    def is_urgent(self) -> bool:
+        """A fetch an admitted turn waits for; everything else (hints included) is background."""
+        return self.kind == JobKind.FETCH and not (self.owner or "").startswith("hint:")
+
 
 class TransferExecutor(Protocol):
     """Moves the bytes of transfer jobs."""

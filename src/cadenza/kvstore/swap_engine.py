@@ -26,7 +26,7 @@ from collections.abc import Iterator
 
 import torch
 
-from cadenza.core.transfer import JobKind, Tier, TransferItem, TransferJob
+from cadenza.core.transfer import Tier, TransferItem, TransferJob
 from cadenza.kvstore.disk_tier import DiskTier
 
 
@@ -41,11 +41,6 @@ def _runs(pairs: list[tuple[int, int]]) -> Iterator[tuple[int, int, int]]:
         ):
             yield pairs[start][0], pairs[start][1], i - start
             start = i
-
-
-def is_urgent(job: TransferJob) -> bool:
-    """A fetch an admitted turn waits for; everything else is background work."""
-    return job.kind == JobKind.FETCH and not (job.owner or "").startswith("hint:")
 
 
 class SwapEngine:
@@ -92,7 +87,7 @@ class SwapEngine:
         self._record_ready(job)
         with self._cond:
             self._in_flight += 1
-            if is_urgent(job):
+            if job.is_urgent:
                 self._urgent.append(job)
             else:
                 heapq.heappush(self._background, (job.priority, next(self._seq), job))
@@ -200,7 +195,7 @@ class SwapEngine:
     def _run_items(self, job: TransferJob) -> None:
         # Items run in order, grouped by (source, destination): spills of a host slot come
         # before the copy that overwrites it.
-        background = not is_urgent(job)
+        background = not job.is_urgent
         for (src, dst), group in itertools.groupby(job.items, key=lambda i: (i.src, i.dst)):
             items = list(group)
             for start in range(0, len(items), self.slice_blocks):

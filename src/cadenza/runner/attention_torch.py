@@ -136,6 +136,8 @@ def paged_attention_torch(
     for chunk in plan.prefills:
         rows = slice(chunk.start, chunk.start + chunk.query_len)
         q = query[rows].transpose(0, 1).unsqueeze(0)  # [1, H, q, d]
+        if chunk.mask is not None and chunk.mask.dtype != query.dtype:
+            chunk.mask = chunk.mask.to(query.dtype)  # once per step: the plan is shared by layers
         if chunk.mask is None and new_key is not None and new_value is not None:
             k = new_key[rows].transpose(0, 1).unsqueeze(0)
             v = new_value[rows].transpose(0, 1).unsqueeze(0)
@@ -148,7 +150,7 @@ def paged_attention_torch(
                 q,
                 k,
                 v,
-                attn_mask=_as(chunk.mask, query.dtype),
+                attn_mask=chunk.mask,
                 is_causal=chunk.mask is None,
                 scale=scale,
                 enable_gqa=gqa,
@@ -174,9 +176,7 @@ def _decode_batch(
     # One query token per sequence: the query heads sharing a kv head become that head's
     # "query rows", so grouped-query attention needs no K/V expansion.
     q = query.index_select(0, decode.rows).view(batch, num_kv_heads, -1, query.shape[-1])
-    o = F.scaled_dot_product_attention(q, k, v, attn_mask=_as(decode.mask, q.dtype), scale=scale)
+    if decode.mask is not None and decode.mask.dtype != q.dtype:
+        decode.mask = decode.mask.to(q.dtype)  # once per step: the plan is shared by layers
+    o = F.scaled_dot_product_attention(q, k, v, attn_mask=decode.mask, scale=scale)
     out.index_copy_(0, decode.rows, o.reshape(batch, -1, query.shape[-1]))
-
-
-def _as(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
-    return mask if mask is None or mask.dtype == dtype else mask.to(dtype)

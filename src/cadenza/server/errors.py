@@ -46,6 +46,16 @@ class APIError(Exception):
         self.headers = headers
 
 
+def conversation_not_found(conversation_id: str, param: str) -> APIError:
+    """404 for a conversation that does not exist (or belongs to another tenant)."""
+    return APIError(
+        404,
+        f"conversation {conversation_id!r} not found",
+        param=param,
+        code="conversation_not_found",
+    )
+
+
 def error_response(
     status: int,
     message: str,

@@ -22,7 +22,7 @@ from fastapi import APIRouter, Depends, Query, Request
 from pydantic import BaseModel, ConfigDict, Field
 
 from cadenza.server import responses_format as fmt
-from cadenza.server.errors import APIError
+from cadenza.server.errors import APIError, conversation_not_found
 from cadenza.server.response_chain import release_orphan_session
 from cadenza.server.response_store import (
     ConversationBusyError,
@@ -57,12 +57,7 @@ class ItemsCreateRequest(_Body):
 
 
 def _not_found(conversation_id: str) -> APIError:
-    return APIError(
-        404,
-        f"conversation {conversation_id!r} not found",
-        param="conversation_id",
-        code="conversation_not_found",
-    )
+    return conversation_not_found(conversation_id, "conversation_id")
 
 
 def _busy(exc: ConversationBusyError) -> APIError:

@@ -54,7 +54,7 @@ from cadenza.engine import LLMEngine
 from cadenza.outputs import RequestOutput
 from cadenza.server import responses_format as fmt
 from cadenza.server.async_engine import AsyncEngine
-from cadenza.server.errors import APIError
+from cadenza.server.errors import APIError, conversation_not_found
 from cadenza.server.protocol import RetentionBody
 from cadenza.server.response_chain import (
     continue_from,
@@ -230,7 +230,7 @@ class ResponseTurn:
                 409, str(exc), param="conversation", code="conversation_locked"
             ) from None
         if claimed is None:
-            raise _conversation_not_found(cid)
+            raise conversation_not_found(cid, "conversation")
         self.lease.conversation_id = cid
         try:
             self.input_items = [record.item for record in claimed] + self.new_items
@@ -439,15 +439,6 @@ def _not_found(response_id: str) -> APIError:
     )
 
 
-def _conversation_not_found(conversation_id: str) -> APIError:
-    return APIError(
-        404,
-        f"conversation {conversation_id!r} not found",
-        param="conversation",
-        code="conversation_not_found",
-    )
-
-
 @router.post("/v1/responses", response_model=None)
 async def create_response(
     body: ResponseCreateRequest, request: Request, tenant: str = Depends(tenant_of)
@@ -470,7 +461,7 @@ async def create_response(
     if conversation_id:
         turn.conversation = store.get_conversation(conversation_id, tenant)
         if turn.conversation is None:
-            raise _conversation_not_found(conversation_id)
+            raise conversation_not_found(conversation_id, "conversation")
     elif not turn.new_items:
         raise APIError(400, "input is required", param="input")
     try:
