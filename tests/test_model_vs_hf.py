@@ -34,12 +34,19 @@ def hf_logits(model, tokens: list[int], first: int) -> torch.Tensor:
     return logits[first - 1 : len(tokens) - 1].float()
 
 
+@pytest.mark.parametrize("linear_backend", ["auto", "torch"])
 @pytest.mark.parametrize("config", [TINY_LLAMA, TINY_QWEN2], ids=lambda c: c.name)
-def test_tiny_random_models_match_transformers(config):
+def test_tiny_random_models_match_transformers(config, linear_backend):
     source = random_model_source(config, seed=3)
     hf = build_hf_model(config, source.state_dict)
     # Small blocks and budget: the prompt is prefilled in chunks over a cached prefix.
-    llm = LLM(source=source, block_size=4, num_kv_blocks=64, max_num_batched_tokens=16)
+    llm = LLM(
+        source=source,
+        block_size=4,
+        num_kv_blocks=64,
+        max_num_batched_tokens=16,
+        linear_backend=linear_backend,
+    )
     prompt = torch.randint(
         3, config.vocab_size, (45,), generator=torch.Generator().manual_seed(0)
     ).tolist()

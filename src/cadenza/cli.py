@@ -27,6 +27,12 @@ def _add_engine_args(parser: argparse.ArgumentParser) -> None:
         "--no-enable-prefix-caching", dest="enable_prefix_caching", action="store_false"
     )
     parser.add_argument("--num-threads", type=int, default=None)
+    parser.add_argument(
+        "--linear-backend",
+        default="auto",
+        choices=["auto", "torch", "onednn"],
+        help="matmul kernels: auto packs float32 CPU weights for oneDNN",
+    )
     tiers = parser.add_argument_group("KV tiers and sessions")
     tiers.add_argument("--kv-host-gib", type=float, default=0.0, help="host RAM KV tier size")
     tiers.add_argument("--kv-disk-gib", type=float, default=0.0, help="disk KV tier size")
@@ -59,6 +65,7 @@ def _build_llm(args: argparse.Namespace):
         max_num_seqs=args.max_num_seqs,
         enable_prefix_caching=args.enable_prefix_caching,
         num_threads=args.num_threads,
+        linear_backend=args.linear_backend,
         kv_host_gib=args.kv_host_gib,
         kv_disk_gib=args.kv_disk_gib,
         kv_disk_path=args.kv_disk_path,

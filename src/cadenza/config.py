@@ -150,6 +150,9 @@ class EngineConfig:
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     attention_backend: Literal["auto", "torch", "triton"] = "auto"
+    # Matmuls: "auto" packs float32 CPU weights for oneDNN (model/packed_linear.py); "torch"
+    # keeps torch's default GEMM.
+    linear_backend: Literal["auto", "torch", "onednn"] = "auto"
     # The durable conversation store (SQLite); None keeps it in memory.
     session_store_path: str | None = None
     # Recompute cost profile for cost-aware eviction: "profile" measures this engine at start,

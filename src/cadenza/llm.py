@@ -41,6 +41,7 @@ class LLM:
         long_prefill_token_threshold: int = 0,
         scheduling_policy: str = "fcfs",
         attention_backend: str = "auto",
+        linear_backend: str = "auto",
         num_threads: int | None = None,
         kv_host_gib: float = 0.0,
         kv_disk_gib: float = 0.0,
@@ -83,6 +84,7 @@ class LLM:
                 policy=scheduling_policy,  # type: ignore[arg-type]
             ),
             attention_backend=attention_backend,  # type: ignore[arg-type]
+            linear_backend=linear_backend,  # type: ignore[arg-type]
             session_store_path=session_store_path,
             kv_cost_model=kv_cost_model,  # type: ignore[arg-type]
         )

@@ -1,8 +1,10 @@
 """The machine's GEMM roofline for a model's matmul shapes.
 
 Times each matmul of a prefill (projections, MLP, attention score and value products, the LM
-head for the last row) as a bare ``torch.matmul`` on this machine and thread count: the sum is
-the time a perfect engine, doing nothing but those GEMMs, would need.
+head for the last row) on this machine and thread count: the sum is the time a perfect engine,
+doing nothing but those GEMMs, would need. Each shape runs as a bare ``torch.matmul`` and, for
+the weight matmuls, as a oneDNN GEMM on a pre-packed weight (what Cadenza's CPU engine uses);
+the roofline takes the faster, so an engine cannot beat it by picking a better kernel.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from cadenza.config import ModelConfig
+from cadenza.model.packed_linear import onednn_linear_available, pack_weight, packed_linear
 
 
 @dataclass
@@ -56,21 +59,28 @@ def decode_shapes(config: ModelConfig, batch: int) -> list[GemmShape]:
     return shapes
 
 
-def time_gemm(shape: GemmShape, repeats: int = 9) -> float:
-    """Fastest seconds of one product of this shape (all its batch entries).
-
-    A roofline is a best case, so it takes the fastest repeat: on a shared machine the median
-    mixes in other processes' load and can end up slower than the engine it bounds.
-    """
-    a = torch.randn(shape.batch, shape.m, shape.k)
-    b = torch.randn(shape.batch, shape.k, shape.n)
-    torch.matmul(a, b)
+def _fastest(fn, repeats: int) -> float:
+    """A roofline is a best case, so it takes the fastest repeat: on a shared machine the median
+    mixes in other processes' load and can end up slower than the engine it bounds."""
+    fn()
     samples = []
     for _ in range(repeats):
         start = time.perf_counter()
-        torch.matmul(a, b)
+        fn()
         samples.append(time.perf_counter() - start)
     return min(samples)
+
+
+def time_gemm(shape: GemmShape, repeats: int = 9) -> dict[str, float]:
+    """Fastest seconds of one product of this shape (all its batch entries), per kernel."""
+    a = torch.randn(shape.batch, shape.m, shape.k)
+    b = torch.randn(shape.batch, shape.k, shape.n)
+    times = {"torch": _fastest(lambda: torch.matmul(a, b), repeats)}
+    if shape.batch == 1 and onednn_linear_available():
+        x = a[0]
+        packed = pack_weight(b[0].t().contiguous())
+        times["onednn"] = _fastest(lambda: packed_linear(x, packed), repeats)
+    return times
 
 
 def measure_roofline(
@@ -81,7 +91,11 @@ def measure_roofline(
     total_s = 0.0
     total_flops = 0.0
     for shape in shapes or prefill_shapes(config, tokens):
-        seconds = time_gemm(shape) * shape.count * shape.flop_fraction
+        per_kernel = {
+            kernel: t * shape.count * shape.flop_fraction for kernel, t in time_gemm(shape).items()
+        }
+        kernel = min(per_kernel, key=per_kernel.__getitem__)
+        seconds = per_kernel[kernel]
         total_s += seconds
         total_flops += shape.flops
         rows.append(
@@ -90,7 +104,11 @@ def measure_roofline(
                 "shape": [shape.batch, shape.m, shape.k, shape.n],
                 "count": shape.count,
                 "seconds": seconds,
+                "kernel": kernel,
                 "gflops_per_s": shape.flops / seconds / 1e9 if seconds else 0.0,
+                "gflops_per_s_by_kernel": {
+                    k: shape.flops / t / 1e9 if t else 0.0 for k, t in per_kernel.items()
+                },
             }
         )
     return {

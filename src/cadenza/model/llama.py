@@ -112,10 +112,9 @@ class LlamaForCausalLM(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rope = RotaryEmbedding(config, max_positions)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
-            self.lm_head_weight = self.embed_tokens.weight
-        else:
-            self.lm_head_weight = nn.Parameter(torch.empty(config.vocab_size, config.hidden_size))
+            self.lm_head.weight = self.embed_tokens.weight
 
     def forward(
         self,
@@ -132,7 +131,7 @@ class LlamaForCausalLM(nn.Module):
         for index, layer in enumerate(self.layers):
             hidden = layer(hidden, rope, kv_caches[index], meta, attention)
         hidden = self.norm(hidden.index_select(0, logits_indices))
-        return F.linear(hidden, self.lm_head_weight).float()
+        return self.lm_head(hidden).float()
 
     @torch.no_grad()
     def load_hf_state_dict(self, state_dict: dict[str, torch.Tensor]) -> None:
@@ -149,7 +148,7 @@ class LlamaForCausalLM(nn.Module):
         self.embed_tokens.weight.copy_(take("model.embed_tokens.weight"))
         self.norm.weight.copy_(take("model.norm.weight"))
         if not self.config.tie_word_embeddings:
-            self.lm_head_weight.copy_(take("lm_head.weight"))
+            self.lm_head.weight.copy_(take("lm_head.weight"))
         for i, layer in enumerate(self.layers):
             prefix = f"model.layers.{i}."
             attn = layer.self_attn

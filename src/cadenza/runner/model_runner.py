@@ -10,6 +10,7 @@ from cadenza.config import EngineConfig
 from cadenza.core.kv_cache_manager import KVCacheManager
 from cadenza.core.scheduler import SchedulerOutput
 from cadenza.model.llama import LlamaForCausalLM
+from cadenza.model.packed_linear import pack_linears, use_onednn
 from cadenza.model.source import ModelSource
 from cadenza.runner.attention_backend import select_attention
 from cadenza.runner.attention_metadata import AttentionMetadata
@@ -52,10 +53,12 @@ class ModelRunner:
         model = model.to_empty(device="cpu")
         model.rope = type(model.rope)(source.config, max_model_len)
         if source.config.tie_word_embeddings:
-            model.lm_head_weight = model.embed_tokens.weight
+            model.lm_head.weight = model.embed_tokens.weight
         model.load_hf_state_dict(source.state_dict)
         self.model = model.to(device=self.device, dtype=self.dtype).eval()
         self.model.rope.to(dtype=torch.float32)
+        if use_onednn(config.linear_backend, self.device, self.dtype):
+            pack_linears(self.model)
         group = source.config.num_attention_heads // source.config.num_key_value_heads
         self.attention = select_attention(config.attention_backend, self.device, group)
         self.num_blocks = config.cache.num_blocks or self._blocks_for_memory()
