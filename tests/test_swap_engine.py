@@ -94,3 +94,23 @@ def test_close_finishes_queued_work() -> None:
     assert job.items[0].ok
     assert swap.host_kv is not None
     assert torch.equal(swap.host_kv[:, :, 2], kv[:, :, 5])
+
+
+def test_copies_run_on_one_thread_and_later_threads_keep_the_default() -> None:
+    import threading
+
+    main_threads = torch.get_num_threads()
+    swap = SwapEngine(_device_kv(), host_slots=8)
+    try:
+        job = TransferJob(JobKind.OFFLOAD, [_item(0, Tier.DEVICE, 0, Tier.HOST, 0)])
+        swap.submit(job)
+        assert _wait_done(swap, job)
+        assert swap.copy_threads in (1, main_threads)  # 1 where the OpenMP runtime was found
+        later: list[int] = []
+        thread = threading.Thread(target=lambda: later.append(torch.get_num_threads()))
+        thread.start()
+        thread.join()
+        assert later == [main_threads]
+        assert torch.get_num_threads() == main_threads
+    finally:
+        swap.close()
