@@ -148,38 +148,33 @@ def run(args: argparse.Namespace) -> int:
     g = args.decode_tokens
     for batch in [int(b) for b in args.decode_batches.split(",")]:
         prompts = _prompts(config.vocab_size, batch, args.decode_prompt_tokens, seed=batch)
+        # Decode rate by difference: 1 + g tokens minus 1 token (the prefill), per engine.
+        engines = {"cadenza": ours, "hf": hf, "cadenza_torch_gemm": torch_gemm}
+        engines = {name: engine for name, engine in engines.items() if engine is not None}
         sides = [
-            lambda p=prompts: ours.generate(p, 1),
-            lambda p=prompts: ours.generate(p, 1 + g),
+            lambda e=engine, p=prompts, n=n: e.generate(p, n)
+            for engine in engines.values()
+            for n in (1, 1 + g)
         ]
-        if hf is not None:
-            sides += [
-                lambda p=prompts: hf.generate(p, 1),
-                lambda p=prompts: hf.generate(p, 1 + g),
-            ]
-        if torch_gemm is not None:
-            sides += [
-                lambda p=prompts: torch_gemm.generate(p, 1),
-                lambda p=prompts: torch_gemm.generate(p, 1 + g),
-            ]
-        times = _median_times(sides, args.repeats)
+        medians = iter(_median_times(sides, args.repeats))
+        rates = {}
+        for name in engines:
+            one_token, all_tokens = next(medians), next(medians)
+            rates[name] = batch * g / (all_tokens - one_token)
         floor = measure_roofline(config, batch, decode_shapes(config, batch))
         row = {
             "batch": batch,
-            "cadenza_tokens_per_s": batch * g / (times[1] - times[0]),
+            "cadenza_tokens_per_s": rates["cadenza"],
             "gemm_floor_tokens_per_s": batch / floor["seconds"],
         }
         row["cadenza_fraction_of_floor"] = (
             row["cadenza_tokens_per_s"] / row["gemm_floor_tokens_per_s"]
         )
-        next_side = 2
-        if hf is not None:
-            row["hf_tokens_per_s"] = batch * g / (times[3] - times[2])
-            row["ratio_vs_hf"] = row["cadenza_tokens_per_s"] / row["hf_tokens_per_s"]
-            next_side = 4
-        if torch_gemm is not None:
-            t1, t65 = times[next_side], times[next_side + 1]
-            row["cadenza_torch_gemm_tokens_per_s"] = batch * g / (t65 - t1)
+        if "hf" in rates:
+            row["hf_tokens_per_s"] = rates["hf"]
+            row["ratio_vs_hf"] = rates["cadenza"] / rates["hf"]
+        if "cadenza_torch_gemm" in rates:
+            row["cadenza_torch_gemm_tokens_per_s"] = rates["cadenza_torch_gemm"]
         decode.append(row)
         print(f"decode batch {batch}: {row}", flush=True)
     result["decode"] = decode
