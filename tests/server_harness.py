@@ -19,6 +19,7 @@ from cadenza.server.app import build_app
 from cadenza.server.async_engine import AsyncEngine
 from cadenza.server.metrics import ServerMetrics
 from cadenza.server.state import ServerState
+from cadenza.session.store import ConversationStore
 
 MODEL = "tiny-chat"
 
@@ -38,7 +39,12 @@ class RunningServer:
     @property
     def engine(self) -> LLMEngine:
         assert self.state.engine.engine is not None
-        return self.state.engine.engine
+        return self.state.engine.engine  # type: ignore[return-value]
+
+    @property
+    def store(self) -> ConversationStore:
+        """The durable conversation store (the session layer's, above the engine)."""
+        return self.state.sessions.store
 
 
 def engine_config(store: str | None = None, model: str = MODEL, **cache: Any) -> EngineConfig:

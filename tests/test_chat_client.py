@@ -51,7 +51,7 @@ def test_two_turns_stream_and_report_cached_tokens(server, monkeypatch, capsys):
     replies = re.findall(r"assistant> (.*?)\n  \[ttft", out, flags=re.S)
     assert len(replies) == 2 and any(r.strip() for r in replies)
     # The session is on the server with both turns.
-    record = server.engine.store.messages("chat-test-1")
+    record = server.store.messages("chat-test-1")
     assert [m["role"] for m in record] == ["system", "user", "assistant", "user", "assistant"]
 
 

@@ -47,7 +47,7 @@ def test_hash_chain_depends_on_prefix_model_and_salt():
 
 
 def test_pool_lru_lazy_eviction_and_verification():
-    pool = BlockPool(3)
+    pool = BlockPool(3, clock=lambda: 0.0)
     blocks = pool.allocate(3)
     pool.register(blocks[0], b"k0", SEED, (1, 2))
     pool.register(blocks[1], b"k1", b"k0", (3, 4))
@@ -71,7 +71,7 @@ def test_pool_lru_lazy_eviction_and_verification():
 
 
 def test_pool_refuses_double_free():
-    pool = BlockPool(1)
+    pool = BlockPool(1, clock=lambda: 0.0)
     block = pool.allocate(1)[0]
     pool.free([block])
     with pytest.raises(RuntimeError):
@@ -79,7 +79,7 @@ def test_pool_refuses_double_free():
 
 
 def test_manager_prefix_hit_shares_blocks_and_keeps_one_token_to_compute():
-    kv = KVCacheManager(num_blocks=10, block_size=4)
+    kv = KVCacheManager(num_blocks=10, block_size=4, clock=lambda: 0.0)
     first = make_request("a", list(range(1, 13)))  # 3 full blocks
     assert kv.find_cached_prefix(first) == []
     kv.allocate(first, 12)
@@ -97,7 +97,7 @@ def test_manager_prefix_hit_shares_blocks_and_keeps_one_token_to_compute():
 
 
 def test_manager_accounting_returns_every_block():
-    kv = KVCacheManager(num_blocks=12, block_size=4)
+    kv = KVCacheManager(num_blocks=12, block_size=4, clock=lambda: 0.0)
     reqs = [make_request(str(i), list(range(i, i + 9))) for i in range(3)]
     for r in reqs:
         kv.allocate(r, 9)

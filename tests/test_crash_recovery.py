@@ -35,10 +35,10 @@ CHILD = textwrap.dedent(
             msg = [{{"role": "user", "content": QUESTIONS[turn][c]}}]
             llm.chat(msg, PARAMS, session_id=f"c{{c}}")
     llm.engine.flush()
-    llm.engine.add_turn("c0", [{{"role": "user", "content": "a long one"}}],
+    llm.add_turn("c0", [{{"role": "user", "content": "a long one"}}],
                         SamplingParams(max_tokens=400, ignore_eos=True))
     for _ in range(6):
-        llm.engine.step()
+        llm.step()
     print("killing mid-turn", flush=True)
     os.kill(os.getpid(), signal.SIGKILL)
     """
@@ -103,11 +103,11 @@ def test_sigkill_mid_turn_then_restart_continues_every_conversation(tmp_path):
     victim.write_bytes(bytes(data))
 
     with build_llm(store, disk) as llm:
-        assert llm.engine.num_interrupted_turns == 1
+        assert llm.sessions.num_interrupted_turns == 1
         for c in range(3):
-            turns = llm.engine.store.turns(f"c{c}", include_incomplete=True)
+            turns = llm.sessions.store.turns(f"c{c}", include_incomplete=True)
             assert [t.status for t in turns if t.status == "complete"] == ["complete"] * 2
-        assert llm.engine.store.turns("c0", include_incomplete=True)[-1].status == "interrupted"
+        assert llm.sessions.store.turns("c0", include_incomplete=True)[-1].status == "interrupted"
         continued = [
             llm.chat([{"role": "user", "content": QUESTIONS[2][c]}], PARAMS, session_id=f"c{c}")[0]
             for c in range(3)

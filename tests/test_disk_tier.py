@@ -201,8 +201,30 @@ def test_read_into(tmp_path: Path) -> None:
     assert not tier.read_into(key, parent, tokens, memoryview(out))
 
 
+def test_change_journal_records_membership_in_order(tmp_path: Path) -> None:
+    tier = DiskTier(tmp_path, 2 * FILE)
+    put(tier, 0)
+    assert tier.drain_changes() == []  # not tracking yet
+    tier.track_changes()
+    k = [block(i)[0] for i in range(4)]
+    assert put(tier, 1)
+    assert put(tier, 0)  # already stored: only refreshed, no change
+    assert put(tier, 2)  # evicts 1, the least recently used
+    assert tier.discard(k[0]) and not tier.discard(k[0])
+    assert tier.drain_changes() == [(k[1], True), (k[1], False), (k[2], True), (k[0], False)]
+    assert tier.drain_changes() == []
+    assert put(tier, 3)
+    _damage(file_of(tier, 3), FILE - 1, b"\x80")
+    assert get(tier, 3) is None  # corrupt: dropped
+    file_of(tier, 2).unlink()
+    assert get(tier, 2) is None  # gone behind the tier's back: forgotten
+    assert tier.drain_changes() == [(k[3], True), (k[3], False), (k[2], False)]
+    assert len(tier) == 0
+
+
 def test_concurrent_puts_and_reads_with_evictions(tmp_path: Path) -> None:
     tier = DiskTier(tmp_path, 8 * FILE)
+    tier.track_changes()
     n = 300
     errors: list[BaseException] = []
     done = threading.Event()
@@ -254,6 +276,14 @@ def test_concurrent_puts_and_reads_with_evictions(tmp_path: Path) -> None:
     stored = tier.keys()
     assert on_disk == sorted(f"{k.hex()}.kv" for k in stored)
     assert tier.used_bytes == len(tier) * FILE <= 8 * FILE
+    # The journal, replayed in order, rebuilds exactly what the tier holds.
+    rebuilt: set[bytes] = set()
+    for key, present in tier.drain_changes():
+        if present:
+            rebuilt.add(key)
+        else:
+            rebuilt.discard(key)
+    assert rebuilt == set(stored)
 
 
 def test_bandwidth_probes(tmp_path: Path) -> None:

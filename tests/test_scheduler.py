@@ -14,6 +14,7 @@ def make_scheduler(num_blocks=64, budget=32, max_seqs=16, reserve=0.0, caching=T
             block_size=4, admission_reserve_fraction=reserve, enable_prefix_caching=caching
         ),
         num_blocks,
+        clock=lambda: 0.0,
     )
 
 
@@ -105,6 +106,7 @@ def test_priority_policy_admits_most_urgent_first():
         SchedulerConfig(max_num_batched_tokens=8, policy="priority"),
         CacheConfig(block_size=4, admission_reserve_fraction=0.0),
         64,
+        clock=lambda: 0.0,
     )
     sched.add_request(make_request("low", 8, priority=5, arrival=0))
     sched.add_request(make_request("high", 8, priority=0, arrival=1, first_token=300))

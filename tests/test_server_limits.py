@@ -27,9 +27,9 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import httpx
 import pytest
@@ -39,10 +39,8 @@ from hypothesis.errors import Unsatisfiable
 from schemathesis import GenerationMode
 from tests.server_harness import MODEL, RunningServer, free_port, running_server
 
-from cadenza.engine import LLMEngine
+from cadenza.engine_api import GetLoad
 from cadenza.model.source import ModelSource
-
-T = TypeVar("T")
 
 # Fuzzing: examples per operation and generation mode (valid, then invalid requests).
 FUZZ_EXAMPLES = 20
@@ -59,22 +57,17 @@ CONTEXT = 4096  # the tiny model's max_position_embeddings
 
 
 # ----------------------------------------------------------------------------- helpers
-def on_engine(server: RunningServer, fn: Callable[[LLMEngine], T]) -> T:
-    """Run ``fn`` on the engine thread (the only thread that may touch the engine)."""
-    return asyncio.run(server.state.engine.call(fn))
-
-
-def quiescent(engine: LLMEngine) -> dict[str, int]:
-    """What is left in the engine: unfinished requests and blocks not free. A block holding
-    only an unreferenced cached prefix counts as free (``BlockPool.num_free_blocks`` counts
-    empty and cached-free blocks): it is reusable at once."""
-    pool = engine.scheduler.kv.pool
+def quiescent(server: RunningServer) -> dict[str, int]:
+    """What is left in the engine, read through the engine API: unfinished requests and blocks
+    not free. A block holding only an unreferenced cached prefix counts as free (it is
+    reusable at once)."""
+    load = asyncio.run(server.state.engine.call(GetLoad()))
     return {
-        "unfinished": len(engine.scheduler.requests),
-        "running": len(engine.scheduler.running),
-        "waiting": len(engine.scheduler.waiting),
-        "not_free_blocks": pool.num_blocks - pool.num_free_blocks,
-        "pending_transfers": engine.tiers.num_pending_jobs,
+        "unfinished": load.num_running + load.num_waiting,
+        "running": load.num_running,
+        "waiting": load.num_waiting,
+        "not_free_blocks": load.device_blocks_total - load.device_blocks_free,
+        "pending_transfers": load.queued_copy_jobs,
     }
 
 
@@ -83,7 +76,7 @@ def wait_until_drained(server: RunningServer, timeout_s: float = 10.0) -> dict[s
     commands, so they land within a step or two); returns the last observation."""
     deadline = time.monotonic() + timeout_s
     while True:
-        left = on_engine(server, quiescent)
+        left = quiescent(server)
         left["streams"] = server.state.engine.num_streams
         if not any(left.values()) or time.monotonic() > deadline:
             return left
@@ -442,7 +435,7 @@ def test_client_disconnect_mid_stream_frees_everything(server: RunningServer, pa
         lines = reply.iter_lines()
         for _ in range(5):
             next(line for line in lines if line.startswith("data:"))
-        assert on_engine(server, quiescent)["running"] == 1
+        assert quiescent(server)["running"] == 1
     left = wait_until_drained(server)
     assert not any(left.values()), left
 

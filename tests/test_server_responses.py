@@ -195,7 +195,7 @@ def test_a_client_leaving_a_stream_frees_its_conversation(server, client):
     items = list(client.conversations.items.list(conv.id, order="asc"))
     assert [item.content[0].text for item in items] == ["Tell a long story.", "!"]
     sid = scoped_session(tenant_name(KEY), conv.id)
-    assert [t.status for t in server.engine.store.turns(sid, include_incomplete=True)] == [
+    assert [t.status for t in server.store.turns(sid, include_incomplete=True)] == [
         "aborted"
     ]
     # The pending items go into the next response, once.
@@ -250,7 +250,7 @@ def test_fork_from_an_older_response_reuses_its_prefix(client):
 def test_a_second_turn_on_a_busy_chain_is_a_conflict(server, client):
     head = client.responses.create(input="Start.", **GREEDY)
     sid = scoped_session(tenant_name(KEY), _session(head))
-    store = server.engine.store
+    store = server.store
     index = store.begin_turn(sid, "someone-else", [1, 2, 3], [])  # a turn in flight
     try:
         with pytest.raises(openai.ConflictError):

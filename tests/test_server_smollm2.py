@@ -111,7 +111,7 @@ def test_responses_chain_reuses_the_session_kv_exactly(client, server, smollm2_s
         previous = response.id
     # The last turn, computed over history that came from the KV cache, says exactly what
     # transformers says when it recomputes the whole conversation from the stored token ids.
-    history = server.engine.store.history_token_ids(response.model_extra["session_id"])
+    history = server.store.history_token_ids(response.model_extra["session_id"])
     prompt = history[: response.usage.input_tokens]
     tokenizer = smollm2_source.tokenizer
     reference = _transformers_greedy(smollm2_hf, prompt, 24, tokenizer.eos_token_ids[0])

@@ -18,7 +18,8 @@ def test_flop_floor_grows_with_history_and_with_a_cached_fresh_prefix() -> None:
     assert flop_ratio_floor(TINY_LLAMA, 2000, 40, 40, fresh_cached=16) > longer
 
 
-def test_history_ttft_cases_on_a_tiny_model(tiny_chat_source, capsys) -> None:
+def test_history_ttft_cases_on_a_tiny_model(tiny_chat_source, sharegpt_data_dir, capsys) -> None:
+    # `sharegpt_data_dir` makes the probe's default ShareGPT sample exist without ../shared.
     args = argparse.Namespace(history_tokens=300, threads=1, repeats=2)
     result = _history_ttft(tiny_chat_source, args)
     assert "warning" not in capsys.readouterr().out  # every case found its KV where intended

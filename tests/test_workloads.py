@@ -10,10 +10,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from tests.conftest import SHAREGPT_SAMPLE
 
 from cadenza.bench.replay_report import percentile, summarize_turns, write_replay_report
 from cadenza.bench.workloads import (
-    DEFAULT_SHAREGPT,
     Conversation,
     Turn,
     load_sharegpt,
@@ -23,9 +23,8 @@ from cadenza.bench.workloads import (
 
 
 def _real_sample() -> Path:
-    if not DEFAULT_SHAREGPT.is_file():
-        pytest.skip(f"ShareGPT sample not found at {DEFAULT_SHAREGPT}")
-    return DEFAULT_SHAREGPT
+    """The shared sample, or the stand-in conftest writes when ../shared is absent."""
+    return SHAREGPT_SAMPLE
 
 
 def _write_jsonl(path: Path, lines: list[str]) -> Path:

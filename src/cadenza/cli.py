@@ -6,75 +6,37 @@ import argparse
 import sys
 import time
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
+from cadenza.config_args import add_engine_arguments, engine_options_from_args
 
-def _add_engine_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--model",
-        default="smollm2-135m",
-        help="alias smollm2-135m (embedded default), a .gguf file, or a Hugging Face directory",
-    )
-    parser.add_argument(
-        "--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"]
-    )
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
-    parser.add_argument("--max-model-len", type=int, default=None)
-    parser.add_argument("--block-size", type=int, default=16)
-    parser.add_argument("--kv-cache-memory-gib", type=float, default=1.0)
-    parser.add_argument("--max-num-batched-tokens", type=int, default=2048)
-    parser.add_argument("--max-num-seqs", type=int, default=64)
-    parser.add_argument(
-        "--no-enable-prefix-caching", dest="enable_prefix_caching", action="store_false"
-    )
-    parser.add_argument("--num-threads", type=int, default=None)
-    parser.add_argument(
-        "--linear-backend",
-        default="auto",
-        choices=["auto", "torch", "onednn"],
-        help="matmul kernels: auto packs float32 CPU weights for oneDNN",
-    )
-    tiers = parser.add_argument_group("KV tiers and sessions")
-    tiers.add_argument("--kv-host-gib", type=float, default=0.0, help="host RAM KV tier size")
-    tiers.add_argument("--kv-disk-gib", type=float, default=0.0, help="disk KV tier size")
-    tiers.add_argument("--kv-disk-path", default=None, help="directory of the disk KV tier")
-    tiers.add_argument("--kv-eviction-policy", default="cost", choices=["cost", "lru"])
-    tiers.add_argument(
-        "--session-store", default=None, help="SQLite file of the conversation store"
-    )
+if TYPE_CHECKING:
+    from cadenza.core.sampling_params import SamplingParams
+    from cadenza.llm import LLM
 
 
 def _add_sampling_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--max-tokens", type=int, default=256)
-    parser.add_argument("--temperature", type=float, default=0.0)
-    parser.add_argument("--top-p", type=float, default=1.0)
-    parser.add_argument("--top-k", type=int, default=0)
-    parser.add_argument("--seed", type=int, default=None)
+    sampling = parser.add_argument_group("sampling")
+    sampling.add_argument(
+        "--max-tokens", type=int, default=256, help="most tokens to generate per reply"
+    )
+    sampling.add_argument(
+        "--temperature", type=float, default=0.0, help="sampling temperature (0: greedy)"
+    )
+    sampling.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1: off)")
+    sampling.add_argument(
+        "--top-k", type=int, default=0, help="sample from the k likeliest tokens (0: off)"
+    )
+    sampling.add_argument("--seed", type=int, default=None, help="sampling seed (unset: random)")
 
 
-def _build_llm(args: argparse.Namespace):
+def _build_llm(args: argparse.Namespace) -> LLM:
     from cadenza.llm import LLM
 
-    return LLM(
-        args.model,
-        dtype=args.dtype,
-        device=args.device,
-        max_model_len=args.max_model_len,
-        block_size=args.block_size,
-        kv_cache_memory_gib=args.kv_cache_memory_gib,
-        max_num_batched_tokens=args.max_num_batched_tokens,
-        max_num_seqs=args.max_num_seqs,
-        enable_prefix_caching=args.enable_prefix_caching,
-        num_threads=args.num_threads,
-        linear_backend=args.linear_backend,
-        kv_host_gib=args.kv_host_gib,
-        kv_disk_gib=args.kv_disk_gib,
-        kv_disk_path=args.kv_disk_path,
-        kv_eviction_policy=args.kv_eviction_policy,
-        session_store_path=args.session_store,
-    )
+    return LLM(**engine_options_from_args(args))
 
 
-def _sampling(args: argparse.Namespace):
+def _sampling(args: argparse.Namespace) -> SamplingParams:
     from cadenza.core.sampling_params import SamplingParams
 
     return SamplingParams(
@@ -106,10 +68,9 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
     llm = _build_llm(args)
     params = _sampling(args)
-    engine = llm.engine
     session = args.session or f"chat-{uuid.uuid4().hex[:8]}"
     pending: list[dict[str, str]] = []
-    if args.system and not engine.store.history_token_ids(session):
+    if args.system and not llm.sessions.history(session):
         pending.append({"role": "system", "content": args.system})
     print(f"cadenza chat (offline, {args.model}, session {session}). Empty line or Ctrl-D quits.")
     while True:
@@ -124,13 +85,13 @@ def cmd_chat(args: argparse.Namespace) -> int:
             return 0
         pending.append({"role": "user", "content": user})
         start = time.monotonic()
-        request_id = engine.add_turn(session, pending, params)
+        request_id = llm.add_turn(session, pending, params)
         pending = []
         first = None
         out = None
         print("assistant> ", end="", flush=True)
-        while engine.has_unfinished_requests():
-            for out in engine.step():
+        while llm.engine.has_unfinished_requests():
+            for out in llm.step():
                 if out.request_id != request_id:
                     continue
                 first = first or time.monotonic()
@@ -141,14 +102,15 @@ def cmd_chat(args: argparse.Namespace) -> int:
         print(f"\n  [ttft {ttft * 1000:.0f} ms, {cached}/{total} prompt tokens cached]")
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The ``cadenza`` parser with every subcommand."""
     parser = argparse.ArgumentParser(prog="cadenza", description="Cadenza stateful LLM serving")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, help="what to run")
 
     gen = sub.add_parser("generate", help="one-shot generation on the offline engine")
-    gen.add_argument("prompt")
+    gen.add_argument("prompt", help="the prompt text")
     gen.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
-    _add_engine_args(gen)
+    add_engine_arguments(gen)
     _add_sampling_args(gen)
     gen.set_defaults(func=cmd_generate)
 
@@ -158,7 +120,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     chat.add_argument(
         "--session", default=None, help="session id to continue (with --session-store)"
     )
-    _add_engine_args(chat)
+    add_engine_arguments(chat)
     _add_sampling_args(chat)
     from cadenza.client.chat import add_arguments as add_chat_client_args
 
@@ -166,7 +128,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     chat.set_defaults(func=cmd_chat)
 
     serve = sub.add_parser("serve", help="the OpenAI-compatible stateful server")
-    _add_engine_args(serve)
+    add_engine_arguments(serve)
     from cadenza.server.serve import add_arguments as add_serve_args
     from cadenza.server.serve import run as run_server
 
@@ -174,7 +136,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     serve.set_defaults(func=run_server)
 
     bench = sub.add_parser("bench", help="benchmarks")
-    bench_sub = bench.add_subparsers(dest="bench_command", required=True)
+    bench_sub = bench.add_subparsers(dest="bench_command", required=True, help="which benchmark")
     from cadenza.bench.engine_bench import add_arguments as add_engine_bench_args
 
     engine_bench = bench_sub.add_parser("engine", help="prefill/decode throughput vs transformers")
@@ -191,8 +153,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     serve_bench = bench_sub.add_parser("serve", help="multi-turn HTTP load: Cadenza vs baselines")
     add_serve_bench_args(serve_bench)
+    return parser
 
-    args = parser.parse_args(argv)
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
     except (ValueError, FileNotFoundError) as exc:

@@ -2,14 +2,20 @@
 
 Measured values (for example the number of KV blocks that fit in memory) live in runtime
 objects, never here.
+
+The engine's knobs (``EngineConfig`` and its ``CacheConfig`` / ``SchedulerConfig`` sections)
+are declared once, here: each field is a ``knob(...)`` that carries its default, its help text
+and its flat option name. ``LLM(...)`` keywords (``EngineConfig.from_options``) and the CLI
+flags (``cadenza.config_args``) are both derived from these fields.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 Architecture = Literal["llama", "qwen2", "mistral"]
 
@@ -67,31 +73,60 @@ class ModelConfig:
         return json.dumps(dataclasses.asdict(self), sort_keys=True)
 
 
+# Keys of a knob's ``field(metadata=...)``.
+HELP = "help"  # one line for --help (required)
+OPTION = "option"  # the flat name (LLM keyword, argparse dest) when not the field's name
+FLAG = "flag"  # the CLI flag when not derived from the option; None: not on the CLI
+CHOICES = "choices"  # allowed values on the CLI when the type is not a Literal
+
+
+def knob(default: Any, help: str, **metadata: Any) -> Any:
+    """A config field with its help text; ``metadata`` may add ``option``, ``flag``,
+    ``choices`` (the keys above)."""
+    unknown = set(metadata) - {OPTION, FLAG, CHOICES}
+    if unknown:
+        raise TypeError(f"unknown knob metadata: {sorted(unknown)}")
+    return field(default=default, metadata={HELP: help, **metadata})
+
+
 @dataclass(frozen=True)
 class CacheConfig:
     """Paged KV cache settings."""
 
-    block_size: int = 16
-    # Number of KV blocks; None sizes the pool from ``kv_cache_memory_gib``.
-    num_blocks: int | None = None
-    kv_cache_memory_gib: float = 1.0
-    enable_prefix_caching: bool = True
-    # Fraction of blocks admission keeps free for running decodes.
-    admission_reserve_fraction: float = 0.10
+    block_size: int = knob(16, "tokens per KV block")
+    num_blocks: int | None = knob(
+        None,
+        "number of device KV blocks; unset: as many as --kv-cache-memory-gib holds",
+        option="num_kv_blocks",
+    )
+    kv_cache_memory_gib: float = knob(1.0, "device memory for the KV block pool, in GiB")
+    enable_prefix_caching: bool = knob(True, "reuse the KV of shared prompt prefixes")
+    admission_reserve_fraction: float = knob(
+        0.10, "fraction of KV blocks that admission keeps free for running decodes"
+    )
     # Tiers below the device (Pensieve): host RAM and a disk directory. 0 disables a tier;
     # ``host_num_blocks`` / ``disk_num_blocks`` size them in blocks instead (tests).
-    kv_host_gib: float = 0.0
-    host_num_blocks: int | None = None
-    kv_disk_gib: float = 0.0
-    disk_num_blocks: int | None = None
-    kv_disk_path: str | None = None
-    kv_eviction_policy: Literal["cost", "lru"] = "cost"
-    # Ahead-of-time copy to host when fewer than this fraction of device blocks are empty.
-    kv_offload_threshold: float = 0.25
-    # Retention pins may hold at most this fraction of device blocks.
-    kv_pin_cap_fraction: float = 0.20
-    # Write finished session turns through to disk (so KV survives a restart).
-    kv_disk_write_through: bool = True
+    kv_host_gib: float = knob(0.0, "host RAM KV tier size in GiB (0: no host tier)")
+    host_num_blocks: int | None = knob(
+        None, "host KV tier size in blocks, instead of --kv-host-gib (tests)"
+    )
+    kv_disk_gib: float = knob(0.0, "disk KV tier size in GiB (0: no disk tier)")
+    disk_num_blocks: int | None = knob(
+        None, "disk KV tier size in blocks, instead of --kv-disk-gib (tests)"
+    )
+    kv_disk_path: str | None = knob(None, "directory of the disk KV tier")
+    kv_eviction_policy: Literal["cost", "lru"] = knob(
+        "cost", "which cached KV to evict first: cost-aware (Pensieve) or least recently used"
+    )
+    kv_offload_threshold: float = knob(
+        0.25, "copy KV to host ahead of time when fewer than this fraction of blocks are empty"
+    )
+    kv_pin_cap_fraction: float = knob(
+        0.20, "most of the device KV blocks that retention pins may hold, as a fraction"
+    )
+    kv_disk_write_through: bool = knob(
+        True, "write finished session turns through to disk, so KV survives a restart"
+    )
 
     @property
     def host_enabled(self) -> bool:
@@ -124,13 +159,19 @@ class CacheConfig:
 class SchedulerConfig:
     """Continuous-batching scheduler settings."""
 
-    # Token budget of one step (prefill chunks + decodes).
-    max_num_batched_tokens: int = 2048
-    max_num_seqs: int = 64
-    enable_chunked_prefill: bool = True
-    # Longest prefill chunk one request may take in a step (0 = the whole budget).
-    long_prefill_token_threshold: int = 0
-    policy: Literal["fcfs", "priority"] = "fcfs"
+    max_num_batched_tokens: int = knob(
+        2048, "token budget of one engine step (prefill chunks plus decodes)"
+    )
+    max_num_seqs: int = knob(64, "most requests running at once")
+    enable_chunked_prefill: bool = knob(True, "split long prefills across steps")
+    long_prefill_token_threshold: int = knob(
+        0, "longest prefill chunk one request may take in a step (0: the whole budget)"
+    )
+    policy: Literal["fcfs", "priority"] = knob(
+        "fcfs",
+        "order of waiting requests: first come first served, or by priority",
+        option="scheduling_policy",
+    )
 
     def __post_init__(self) -> None:
         if self.max_num_batched_tokens <= 0 or self.max_num_seqs <= 0:
@@ -139,22 +180,113 @@ class SchedulerConfig:
 
 @dataclass(frozen=True)
 class EngineConfig:
-    """Everything one engine needs, besides the loaded model."""
+    """Everything one engine needs, besides the loaded model.
 
-    model: str = "smollm2-135m"
-    dtype: str = "auto"  # auto: float32 on CPU, bfloat16 on CUDA
-    device: str = "auto"  # auto: cuda if available, else cpu
-    seed: int = 0
-    num_threads: int | None = None
-    max_model_len: int | None = None
+    ``cache`` and ``scheduler`` are sections: their knobs are offered flat, next to this
+    class's own (``EngineConfig.from_options(block_size=32)``, ``--block-size 32``).
+    """
+
+    model: str = knob(
+        "smollm2-135m",
+        "alias smollm2-135m (embedded default), a .gguf file, or a Hugging Face directory",
+    )
+    dtype: str = knob(
+        "auto",
+        "weights and KV dtype; auto: float32 on CPU, bfloat16 on CUDA",
+        choices=("auto", "float32", "bfloat16", "float16"),
+    )
+    device: str = knob("auto", "auto (cuda if available, else cpu), cpu, cuda, cuda:N")
+    # Not a flag: the CLI's --seed is the sampling seed.
+    seed: int = knob(0, "engine seed", flag=None)
+    num_threads: int | None = knob(None, "CPU threads of torch (unset: torch's default)")
+    max_model_len: int | None = knob(
+        None, "longest sequence (prompt plus output); unset: the model's context length"
+    )
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
-    attention_backend: Literal["auto", "torch", "triton"] = "auto"
-    # Matmuls: "auto" packs float32 CPU weights for oneDNN (model/packed_linear.py); "torch"
-    # keeps torch's default GEMM.
-    linear_backend: Literal["auto", "torch", "onednn"] = "auto"
-    # The durable conversation store (SQLite); None keeps it in memory.
-    session_store_path: str | None = None
-    # Recompute cost profile for cost-aware eviction: "profile" measures this engine at start,
-    # "linear" uses a fixed shape (fast start for tests).
-    kv_cost_model: Literal["profile", "linear"] = "profile"
+    attention_backend: Literal["auto", "torch", "triton"] = knob(
+        "auto", "attention kernels: auto picks Triton on CUDA, torch elsewhere"
+    )
+    linear_backend: Literal["auto", "torch", "onednn"] = knob(
+        "auto",
+        "matmul kernels: auto packs float32 CPU weights for oneDNN; torch keeps torch's GEMM",
+    )
+    session_store_path: str | None = knob(
+        None,
+        "SQLite file of the durable conversation store (unset: kept in memory)",
+        flag="--session-store",
+    )
+    kv_cost_model: Literal["profile", "linear"] = knob(
+        "profile",
+        "recompute cost profile for cost-aware eviction: profile measures this engine at "
+        "start; linear uses a fixed shape (fast start)",
+    )
+
+    @classmethod
+    def from_options(cls, **options: Any) -> EngineConfig:
+        """The config from flat options (``LLM(...)`` keywords): each knob by its option name,
+        whichever section it lives in. An unknown name is a TypeError naming it."""
+        knobs = {k.option: k for k in engine_knobs()}
+        unknown = [name for name in options if name not in knobs]
+        if unknown:
+            name = unknown[0]
+            close = difflib.get_close_matches(name, knobs, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise TypeError(f"unknown engine option {name!r}{hint}")
+        section_types = _sections()
+        own: dict[str, Any] = {}
+        sections: dict[str, dict[str, Any]] = {name: {} for name in section_types}
+        for option, value in options.items():
+            k = knobs[option]
+            (own if k.section is None else sections[k.section])[k.name] = value
+        for name, values in sections.items():
+            own[name] = section_types[name](**values)
+        return cls(**own)
+
+
+@dataclass(frozen=True)
+class Knob:
+    """One engine knob: a field of ``EngineConfig`` or of one of its sections."""
+
+    field: dataclasses.Field[Any]
+    owner: type  # the dataclass that declares it
+    section: str | None  # the EngineConfig field holding ``owner``; None for EngineConfig's own
+
+    @property
+    def name(self) -> str:
+        return self.field.name
+
+    @property
+    def option(self) -> str:
+        """The flat name: the ``LLM(...)`` keyword and the argparse dest."""
+        return str(self.field.metadata.get(OPTION, self.field.name))
+
+    @property
+    def help(self) -> str:
+        return str(self.field.metadata[HELP])
+
+    @property
+    def default(self) -> Any:
+        return self.field.default
+
+
+def _sections() -> dict[str, type]:
+    """EngineConfig's nested config fields, by name."""
+    return {
+        f.name: f.default_factory  # type: ignore[misc]
+        for f in dataclasses.fields(EngineConfig)
+        if f.default_factory is not dataclasses.MISSING
+    }
+
+
+def engine_knobs() -> tuple[Knob, ...]:
+    """Every engine knob, in declaration order (sections expanded in place)."""
+    sections = _sections()
+    knobs: list[Knob] = []
+    for f in dataclasses.fields(EngineConfig):
+        if f.name in sections:
+            owner = sections[f.name]
+            knobs += [Knob(g, owner, f.name) for g in dataclasses.fields(owner)]
+        else:
+            knobs.append(Knob(f, EngineConfig, None))
+    return tuple(knobs)

@@ -1,44 +1,93 @@
-"""LLMEngine: add_request / step / abort over the scheduler, the model runner and detokenizer,
-plus sessions (turns over a durable token history) and the KV tiers below the device."""
+"""LLMEngine: the torch engine core plus text in and out, behind the typed engine API.
+
+``build_engine_parts`` is the factory of today's torch pieces (model runner, swap engine, disk
+tier, cost profile); the torch-free ``core.engine_core.EngineCore`` runs the step loop over
+them. ``LLMEngine`` adds what needs the tokenizer (prompt text → ids, ids → streamed text, stop
+strings), KV export and import, and ``handle(command)`` for ``engine_api`` commands. It knows
+nothing of conversations: the session layer above it (``session/layer.py``) owns the durable
+history and hands it token ids.
+"""
 
 from __future__ import annotations
 
 import itertools
+import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import asdict
 from typing import Any
 
 from cadenza.config import EngineConfig
-from cadenza.core.eviction import (
-    CostModel,
-    EvictionPolicy,
-    cost_model_from,
-    make_eviction_policy,
-    profile_points,
-)
-from cadenza.core.hashing import hash_seed
-from cadenza.core.request import Request, RequestStatus
+from cadenza.core.engine_core import HINT_GRACE_S, EngineCore, LoadSnapshot
+from cadenza.core.eviction import CostModel, cost_model_from, profile_points
+from cadenza.core.kv_events import KVEvent
+from cadenza.core.kv_import import KVImporter
+from cadenza.core.request import RequestStatus
 from cadenza.core.sampling_params import SamplingParams
-from cadenza.core.scheduler import Scheduler
-from cadenza.core.tiering import TierManager
 from cadenza.core.transfer import Tier
+from cadenza.engine_api import (
+    AbortRequest,
+    AddRequest,
+    DrainEvents,
+    EndSession,
+    EngineCommand,
+    EngineRequest,
+    EngineStats,
+    ExportKV,
+    GetLoad,
+    GetStats,
+    HintResult,
+    HintSession,
+    ImportKV,
+    ImportResult,
+    PullOutputs,
+)
 from cadenza.kvstore.disk_tier import DiskTier
+from cadenza.kvstore.kv_export import ExportedBlock, KVExport, KVLayout
 from cadenza.kvstore.swap_engine import SwapEngine
 from cadenza.model.source import ModelSource, load_model_source
 from cadenza.output_processor import OutputProcessor
 from cadenza.outputs import RequestOutput
+from cadenza.runner.kv_io import DTYPE_NAMES, cut_chunks, gather_blocks, write_chunk
 from cadenza.runner.model_runner import ModelRunner, profile_chunk_costs
-from cadenza.session.manager import Retention, SessionManager, TurnPlan
-from cadenza.session.store import ConversationStore
+
+log = logging.getLogger("cadenza.engine")
 
 # Bytes a disk block file adds to its payload (header with the block's token ids).
 _DISK_HEADER_BYTES = 4096
-# How long a hinted session's prefetched KV stays pinned past its expected arrival.
-HINT_GRACE_S = 30.0
+
+
+def _cost_model(runner: ModelRunner, config: EngineConfig, max_model_len: int) -> CostModel:
+    if config.cache.kv_eviction_policy != "cost":
+        return CostModel.linear()
+    if config.kv_cost_model == "profile":
+        points = profile_chunk_costs(runner, profile_points(max_model_len), max_model_len)
+        if len(points) >= 2:
+            return cost_model_from(points)
+    return CostModel.linear()
+
+
+def _disk_tier(config: EngineConfig, block_bytes: int) -> DiskTier | None:
+    cache = config.cache
+    if not cache.disk_enabled:
+        return None
+    assert cache.kv_disk_path is not None
+    capacity = (
+        cache.disk_num_blocks * (block_bytes + _DISK_HEADER_BYTES)
+        if cache.disk_num_blocks
+        else int(cache.kv_disk_gib * 2**30)
+    )
+    return DiskTier(cache.kv_disk_path, capacity)
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig, source: ModelSource | None = None) -> None:
+    def __init__(
+        self,
+        config: EngineConfig,
+        source: ModelSource | None = None,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.config = config
         source = source or load_model_source(config.model)
         self.model_config = source.config
@@ -47,163 +96,75 @@ class LLMEngine:
         limit = source.config.max_position_embeddings
         self.max_model_len = min(config.max_model_len or limit, limit)
         self.runner = ModelRunner(source, config, self.max_model_len)
-        self.clock = time.monotonic
-        self.cost_model: CostModel | None = None
-        policy = self._eviction_policy()
-        self.scheduler = Scheduler(config.scheduler, config.cache, self.runner.num_blocks, policy)
-        self.tiers, self.swap, self.disk = self._build_tiers(policy)
-        self.scheduler.tiers = self.tiers
-        self.store = ConversationStore(config.session_store_path or ":memory:")
-        self.num_interrupted_turns = self.store.recover_interrupted()
-        self.sessions = SessionManager(self.store, self.tokenizer)
-        self._turns: dict[str, TurnPlan] = {}
-        self.outputs = OutputProcessor(self.tokenizer)
-        self.eos_token_ids = (
+        del source  # weights now live in the runner's model only
+        block_bytes = self.runner.bytes_per_block()
+        cache = config.cache
+        host_slots = cache.host_num_blocks or int(cache.kv_host_gib * 2**30 // block_bytes)
+        self.disk = _disk_tier(config, block_bytes)
+        self.swap = SwapEngine(self.runner.kv_caches, host_slots, self.disk)
+        eos = (
             self.tokenizer.eos_token_ids
             if self.tokenizer is not None
-            else source.config.eos_token_ids
+            else self.model_config.eos_token_ids
         )
-        self._ids = itertools.count()
-        del source  # weights now live in the runner's model only
-
-    # ----------------------------------------------------------------------- set-up
-    def _eviction_policy(self) -> EvictionPolicy:
-        cache = self.config.cache
-        if cache.kv_eviction_policy == "cost":
-            if self.config.kv_cost_model == "profile":
-                points = profile_chunk_costs(
-                    self.runner, profile_points(self.max_model_len), self.max_model_len
-                )
-                if len(points) >= 2:
-                    self.cost_model = cost_model_from(points)
-            self.cost_model = self.cost_model or CostModel.linear()
-        return make_eviction_policy(cache.kv_eviction_policy, self.clock, self.cost_model)
-
-    def _build_tiers(
-        self, policy: EvictionPolicy
-    ) -> tuple[TierManager, SwapEngine, DiskTier | None]:
-        cache = self.config.cache
-        block_bytes = self.runner.bytes_per_block()
-        host_slots = cache.host_num_blocks or int(cache.kv_host_gib * 2**30 // block_bytes)
-        disk = None
-        if cache.disk_enabled:
-            assert cache.kv_disk_path is not None
-            capacity = (
-                cache.disk_num_blocks * (block_bytes + _DISK_HEADER_BYTES)
-                if cache.disk_num_blocks
-                else int(cache.kv_disk_gib * 2**30)
-            )
-            disk = DiskTier(cache.kv_disk_path, capacity)
-        swap = SwapEngine(self.runner.kv_caches, host_slots, disk)
-        tiers = TierManager(
-            self.scheduler.kv.pool,
+        self.core = EngineCore(
+            config,
+            self.runner,
+            clock=clock,
+            fingerprint=self.fingerprint,
+            vocab_size=self.model_config.vocab_size,
+            eos_token_ids=eos,
+            max_model_len=self.max_model_len,
+            transfer=self.swap,
             host_slots=host_slots,
-            disk=disk,
-            executor=swap,
-            policy=policy,
-            clock=self.clock,
-            aot_threshold=cache.kv_offload_threshold,
-            pin_cap_fraction=cache.kv_pin_cap_fraction,
-            write_through=cache.kv_disk_write_through,
+            disk=self.disk,
+            cost_model=_cost_model(self.runner, config, self.max_model_len),
         )
-        return tiers, swap, disk
+        self.clock = clock
+        self.max_model_len = self.core.max_model_len
+        self.eos_token_ids = self.core.eos_token_ids
+        self.outputs = OutputProcessor(self.tokenizer, clock)
+        self.layout = KVLayout(
+            fingerprint=self.fingerprint,
+            cache_salt=None,
+            block_size=cache.block_size,
+            dtype=DTYPE_NAMES[self.runner.dtype],
+            num_layers=self.model_config.num_hidden_layers,
+            num_kv_heads=self.model_config.num_key_value_heads,
+            head_dim=self.model_config.resolved_head_dim,
+        )
+        self.importer = KVImporter(
+            self.core.scheduler.kv.pool,
+            self.core.tiers,
+            self.layout,
+            reserve_blocks=self.core.scheduler.reserve_blocks,
+            clock=clock,
+            pin_s=HINT_GRACE_S,
+        )
+        self._undelivered: list[RequestOutput] = []
+        self._ids = itertools.count()
+
+    # ----------------------------------------------------------------------- parts
+    @property
+    def scheduler(self):  # noqa: ANN201 - the core's Scheduler
+        return self.core.scheduler
+
+    @property
+    def tiers(self):  # noqa: ANN201 - the core's TierManager
+        return self.core.tiers
+
+    @property
+    def cost_model(self) -> CostModel | None:
+        return self.core.cost_model
 
     def flush(self) -> None:
         """Wait for every queued KV copy (write-through to disk included) to land."""
-        while self.tiers.num_pending_jobs:
-            self.tiers.poll(wait_s=0.05)
+        self.core.flush()
 
     def close(self) -> None:
-        """Finish background copies and close the store (the engine is unusable after)."""
+        """Finish background copies (the engine is unusable after)."""
         self.flush()
         self.swap.close()
-        self.store.close()
-
-    # ----------------------------------------------------------------------- sessions
-    def add_turn(
-        self,
-        session_id: str,
-        messages: Sequence[dict[str, Any]],
-        params: SamplingParams | None = None,
-        *,
-        request_id: str | None = None,
-        tenant: str = "",
-        retention: Retention | dict[str, Any] | None = None,
-        priority: int = 0,
-        arrival_time: float | None = None,
-    ) -> str:
-        """Queue the next turn of a session: its stored exact history plus the template delta
-        for ``messages`` (the new messages only). Raises ValueError (nothing queued) if the
-        turn cannot be served, or if the session already has a turn in flight."""
-        keep = Retention.parse(retention)
-        request_id = request_id if request_id is not None else f"turn-{next(self._ids)}"
-        plan = self.sessions.begin_turn(session_id, messages, request_id, tenant=tenant)
-        try:
-            self.add_request(
-                request_id,
-                plan.token_ids,
-                params,
-                priority=priority,
-                cache_salt=tenant or None,
-                arrival_time=arrival_time,
-                session_id=session_id,
-                num_history_tokens=max(plan.num_history_tokens - 1, 0),
-                retention_ttl_s=keep.ttl_s if keep else 0.0,
-            )
-        except Exception:
-            self.sessions.abort_turn(plan, "rejected")
-            raise
-        self._turns[request_id] = plan
-        return request_id
-
-    def hint(
-        self,
-        session_id: str,
-        expected_arrival_s: float | None = None,
-        *,
-        tenant: str = "",
-        ttl_s: float | None = None,
-    ) -> dict[str, int]:
-        """Advice that the session's next turn is coming: move its KV towards the device now
-        (as free space allows) and pin it until shortly after the expected arrival. Returns
-        how many blocks were found per tier. A wrong hint costs only the copy."""
-        if expected_arrival_s is not None and expected_arrival_s < 0:
-            raise ValueError("expected_arrival_s must not be negative")
-        if self.store.get_session(session_id, tenant=tenant) is None:
-            raise KeyError(f"unknown session {session_id!r}")
-        history = self.store.history_token_ids(session_id)
-        found = {tier.value: 0 for tier in Tier}
-        if len(history) < 2:
-            return found
-        probe = self._make_request(f"hint:{session_id}", history, SamplingParams(), tenant or None)
-        probe.num_history_tokens = len(history) - 1  # the last token's KV is never computed
-        loc = self.scheduler.kv.locate_prefix(probe, self.tiers)
-        for tier in Tier:
-            found[tier.value] = loc.count(tier)
-        horizon = ttl_s if ttl_s is not None else (expected_arrival_s or 0.0) + HINT_GRACE_S
-        until = self.clock() + horizon
-        on_device = [b for b in loc.device if b is not None]
-        self.tiers.pin(on_device, until)
-        if self.tiers.is_fetching(probe.request_id):
-            return found
-        wanted = self.scheduler.kv.blocks_to_fetch(probe, loc, self.tiers)
-        room = self.scheduler.kv.pool.num_free_blocks - self.scheduler.reserve_blocks
-        self.tiers.fetch(probe.request_id, wanted[: max(room, 0)], pin_until=until)
-        return found
-
-    def end_session(self, session_id: str, *, tenant: str = "", delete: bool = False) -> bool:
-        """The session is over: unpin its KV (it becomes ordinary cache), optionally delete it."""
-        if self.store.get_session(session_id, tenant=tenant) is None:
-            return False
-        history = self.store.history_token_ids(session_id)
-        if len(history) >= 2:
-            probe = self._make_request("end", history, SamplingParams(), tenant or None)
-            for block in self.scheduler.kv.locate_prefix(probe).device:
-                if block is not None:
-                    block.pin_until = 0.0
-        if delete:
-            self.store.delete_session(session_id, tenant=tenant)
-        return True
 
     # ----------------------------------------------------------------------- requests
     def add_request(
@@ -220,40 +181,34 @@ class LLMEngine:
         retention_ttl_s: float = 0.0,
     ) -> str:
         """Queue a request; raises ValueError (nothing queued) if it cannot be served."""
-        params = params or SamplingParams()
         request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
         text = prompt if isinstance(prompt, str) else None
-        token_ids = self._tokenize(prompt)
-        self._validate(token_ids, params)
-        request = self._make_request(request_id, token_ids, params, cache_salt)
-        request.arrival_time = arrival_time if arrival_time is not None else time.monotonic()
-        request.priority = priority
-        request.session_id = session_id
-        request.num_history_tokens = num_history_tokens
-        request.retention_ttl_s = retention_ttl_s
-        self.scheduler.add_request(request)
+        request = self.core.add_request(
+            request_id,
+            self._tokenize(prompt),
+            params,
+            priority=priority,
+            cache_salt=cache_salt,
+            arrival_time=arrival_time,
+            session_id=session_id,
+            num_history_tokens=num_history_tokens,
+            retention_ttl_s=retention_ttl_s,
+        )
         self.outputs.add(request, text, request.arrival_time)
         return request_id
 
-    def _make_request(
-        self,
-        request_id: str,
-        token_ids: list[int],
-        params: SamplingParams,
-        cache_salt: str | None,
-    ) -> Request:
-        max_total = self.max_model_len
-        if params.max_tokens is not None:
-            max_total = min(max_total, len(token_ids) + params.max_tokens)
-        return Request(
-            request_id=request_id,
-            prompt_token_ids=token_ids,
-            sampling_params=params,
-            eos_token_ids=tuple(self.eos_token_ids),
-            block_size=self.config.cache.block_size,
-            hash_seed=hash_seed(self.fingerprint, cache_salt),
-            max_total_tokens=max_total,
-            cache_salt=cache_salt,
+    def submit(self, request: EngineRequest) -> str:
+        prompt = request.prompt if isinstance(request.prompt, str) else list(request.prompt)
+        return self.add_request(
+            request.request_id,
+            prompt,
+            request.sampling_params,
+            priority=request.priority,
+            cache_salt=request.cache_salt,
+            arrival_time=request.arrival_time,
+            session_id=request.session_id,
+            num_history_tokens=request.num_history_tokens,
+            retention_ttl_s=request.retention_ttl_s,
         )
 
     def _tokenize(self, prompt: str | Sequence[int]) -> list[int]:
@@ -263,75 +218,199 @@ class LLMEngine:
             return self.tokenizer.encode(prompt, add_special_tokens=True)
         return [int(t) for t in prompt]
 
-    def _validate(self, token_ids: list[int], params: SamplingParams) -> None:
-        if not token_ids:
-            raise ValueError("the prompt is empty")
-        vocab = self.model_config.vocab_size
-        bad = [t for t in token_ids if not 0 <= t < vocab]
-        if bad:
-            raise ValueError(f"prompt token ids must be in [0, {vocab}); got {bad[:5]}")
-        if len(token_ids) >= self.max_model_len:
-            raise ValueError(
-                f"the prompt has {len(token_ids)} tokens but this model's context is "
-                f"{self.max_model_len} tokens (at least one must be left to generate)"
-            )
-
-    def abort_request(self, request_id: str) -> bool:
-        request = self.scheduler.finish_request(request_id, RequestStatus.FINISHED_ABORTED)
+    def abort_request(self, request_id: str, reason: str = "client") -> bool:
+        request = self.core.abort_request(request_id, reason)
         self.outputs.drop(request_id)
-        plan = self._turns.pop(request_id, None)
-        if plan is not None:
-            self.sessions.abort_turn(plan)
         return request is not None
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished_requests()
+        return self.core.has_unfinished_requests()
 
     def reset_prefix_cache(self) -> bool:
-        return self.scheduler.kv.reset_prefix_cache()
+        return self.core.scheduler.kv.reset_prefix_cache()
+
+    # ----------------------------------------------------------------------- sessions
+    def hint(
+        self,
+        session_id: str,
+        history: Sequence[int],
+        *,
+        cache_salt: str | None = None,
+        expected_arrival_s: float | None = None,
+        ttl_s: float | None = None,
+    ) -> dict[str, int]:
+        return self.core.hint(
+            session_id,
+            history,
+            cache_salt=cache_salt,
+            expected_arrival_s=expected_arrival_s,
+            ttl_s=ttl_s,
+        )
+
+    def end_session(self, history: Sequence[int], cache_salt: str | None = None) -> None:
+        self.core.end_session(history, cache_salt)
 
     # ----------------------------------------------------------------------- one step
     def step(self) -> list[RequestOutput]:
-        """Schedule, run the model once, and return an output for every request that got a
-        new token (finished requests are marked ``finished``)."""
-        self.tiers.poll()
-        plan = self.scheduler.schedule()
-        if plan.is_empty:
-            if self.tiers.num_pending_jobs and self.scheduler.has_unfinished_requests():
-                self.tiers.poll(wait_s=0.05)  # turns wait for their KV to arrive
-            self.tiers.maintain()
-            return []
-        with self.swap.computing():  # background KV copies wait out the forward pass
-            sampled = self.runner.execute(plan, self.scheduler.kv)
-        tokens = {rid: s.token_id for rid, s in sampled.items()}
-        updated = self.scheduler.update_from_output(plan, tokens)
-        results = []
-        for request in updated:
-            token = sampled[request.request_id]
+        """Run one engine step; returns an output for every request that got a new token
+        (finished requests are marked ``finished``)."""
+        result = self.core.step()
+        outputs = []
+        for request, token in result.updated:
             stop = self.outputs.record_token(request, token.logprob, token.top)
             if stop is not None and not request.is_finished:
-                self.scheduler.finish_request(request.request_id, RequestStatus.FINISHED_STOPPED)
-            output = self.outputs.make_output(request, request.is_finished)
-            if request.is_finished:
-                self._finish_turn(request, output)
-            results.append(output)
-        self.tiers.maintain()
-        return results
+                self.core.finish_request(request.request_id, RequestStatus.FINISHED_STOPPED)
+            outputs.append(self.outputs.make_output(request, request.is_finished))
+        return outputs
 
-    def _finish_turn(self, request: Request, output: RequestOutput) -> None:
-        turn = self._turns.pop(request.request_id, None)
-        if turn is None:
-            return
-        completion = output.outputs[0]
-        self.sessions.complete_turn(
-            turn, request.output_token_ids, completion.text, completion.finish_reason
+    # ----------------------------------------------------------------------- KV moves
+    def export_kv(
+        self, session_id: str, history: Sequence[int], cache_salt: str | None = None
+    ) -> KVExport:
+        """The cached KV of ``history``'s leading full blocks, wherever they are held
+        (device, host or disk), as a checksummed, layout-independent export."""
+        core = self.core
+        layout = KVLayout(**{**asdict(self.layout), "cache_salt": cache_salt})
+        loc = core.locate_history(history, cache_salt)
+        if loc.leading or not loc.num_blocks:
+            return KVExport(session_id, layout, (), ())
+        self.flush()  # copies in flight may still be writing the slots read below
+        size = self.config.cache.block_size
+        seed_parent = core.make_request("export", list(history), SamplingParams(), cache_salt)
+        keys = seed_parent.block_hashes
+        blocks: list[ExportedBlock] = []
+        sources: list[tuple[str, int]] = []
+        disk_reads: dict[int, tuple[bytes, bytes, tuple[int, ...]]] = {}
+        for i, tier in enumerate(loc.tiers):
+            parent = keys[i - 1] if i else seed_parent.hash_seed
+            tokens = tuple(int(t) for t in history[i * size : (i + 1) * size])
+            blocks.append(ExportedBlock(keys[i], parent, tokens, i * size))
+            if tier == Tier.DEVICE:
+                block = loc.device[i]
+                assert block is not None
+                sources.append(("device", block.block_id))
+            elif tier == Tier.HOST:
+                host = core.tiers.host
+                assert host is not None
+                sources.append(("host", host.entries[keys[i]].slot))
+            else:
+                disk_reads[i] = (keys[i], parent, tokens)
+                sources.append(("disk", i))
+
+        def read_disk(i: int):  # noqa: ANN202 - a torch tensor or None
+            import torch
+
+            assert self.disk is not None
+            data = self.disk.get(*disk_reads[i])
+            if data is None:
+                return None
+            raw = torch.frombuffer(data, dtype=torch.uint8).view(self.runner.dtype)
+            return raw.view(self.swap._staging.shape)
+
+        try:
+            gathered = gather_blocks(self.runner.kv_caches, sources, self.swap.host_kv, read_disk)
+        except LookupError:
+            # A disk block vanished meanwhile: export the run before it.
+            cut = next(i for i, (t, _) in enumerate(sources) if t == "disk")
+            blocks, sources = blocks[:cut], sources[:cut]
+            gathered = gather_blocks(self.runner.kv_caches, sources, self.swap.host_kv, read_disk)
+        return KVExport(session_id, layout, tuple(blocks), tuple(cut_chunks(gathered)))
+
+    def import_kv(self, export: KVExport) -> ImportResult:
+        """Verify and install another engine's export as cached prefix blocks, layer by
+        layer; rejected chunks are counted and their blocks never installed."""
+        plan = self.importer.begin(export.layout, list(export.blocks))
+        try:
+            for layer in range(self.layout.num_layers):
+                for chunk in export.layer_chunks(layer):
+                    targets = self.importer.accept_chunk(plan, chunk)
+                    write_chunk(self.runner.kv_caches, chunk, targets)
+                self.importer.layer_done(plan, layer)
+            installed = self.importer.commit(plan)
+        except BaseException:
+            self.importer.abort(plan)
+            raise
+        if plan.rejected_chunks:
+            log.warning(
+                "KV import for session %s: %d layer chunk(s) failed verification; %d block(s)"
+                " will be recomputed",
+                export.session_id,
+                plan.rejected_chunks,
+                plan.rejected_blocks,
+            )
+        return ImportResult(
+            num_blocks=len(plan.blocks),
+            installed_by_tier={"device": len(installed)},
+            rejected_chunks=plan.rejected_chunks,
+            rejected_blocks=plan.rejected_blocks,
+            num_tokens=len(plan.blocks) * self.layout.block_size,
         )
 
     # ----------------------------------------------------------------------- introspection
+    def load(self) -> LoadSnapshot:
+        return self.core.load()
+
+    def drain_events(self) -> list[KVEvent]:
+        return self.core.drain_events()
+
+    def stats(self) -> EngineStats:
+        tiers = self.core.tiers
+        kv = self.core.scheduler.kv
+        return EngineStats(
+            load=self.core.load(),
+            num_aborted=dict(self.core.num_aborted),
+            prefix_queries=kv.prefix_queries,
+            prefix_hits=kv.prefix_hits,
+            device_cached_blocks=kv.pool.num_cached_blocks,
+            device_usage=kv.pool.usage(),
+            tier_stats=asdict(tiers.stats),
+            disk_stats=asdict(self.disk.stats) if self.disk is not None else None,
+            disk_capacity_bytes=self.disk.capacity_bytes if self.disk is not None else 0,
+            disk_used_bytes=self.disk.used_bytes if self.disk is not None else 0,
+            import_rejected_chunks=self.importer.rejected_chunks,
+            host_checksum_failures=int(getattr(self.swap, "checksum_failures", 0)),
+        )
+
     @property
     def num_free_blocks(self) -> int:
-        return self.scheduler.kv.pool.num_free_blocks
+        return self.core.scheduler.kv.pool.num_free_blocks
 
     @property
     def num_total_blocks(self) -> int:
-        return self.scheduler.kv.num_blocks
+        return self.core.scheduler.kv.num_blocks
+
+    # ----------------------------------------------------------------------- typed API
+    def handle(self, command: EngineCommand) -> Any:
+        """Execute one ``engine_api`` command and return its result."""
+        match command:
+            case AddRequest(request=request):
+                return self.submit(request)
+            case AbortRequest(request_id=rid, reason=reason):
+                return self.abort_request(rid, reason)
+            case HintSession():
+                return HintResult(
+                    self.hint(
+                        command.session_id,
+                        command.history,
+                        cache_salt=command.cache_salt,
+                        expected_arrival_s=command.expected_arrival_s,
+                        ttl_s=command.ttl_s,
+                    )
+                )
+            case EndSession(history=history, cache_salt=salt):
+                return self.end_session(history, salt)
+            case ExportKV(session_id=sid, history=history, cache_salt=salt):
+                return self.export_kv(sid, history, salt)
+            case ImportKV(export=export):
+                return self.import_kv(export)
+            case GetLoad():
+                return self.load()
+            case GetStats():
+                return self.stats()
+            case DrainEvents():
+                return self.drain_events()
+            case PullOutputs():
+                self._undelivered += self.step() if self.has_unfinished_requests() else []
+                out, self._undelivered = self._undelivered, []
+                return out
+        raise TypeError(f"not an engine command: {command!r}")

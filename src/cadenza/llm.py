@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from typing import Any
 
-from cadenza.config import CacheConfig, EngineConfig, SchedulerConfig
+from cadenza.config import EngineConfig
 from cadenza.core.sampling_params import SamplingParams
 from cadenza.engine import LLMEngine
+from cadenza.engine_api import ImportResult
+from cadenza.kvstore.kv_export import KVExport
 from cadenza.model.source import ModelSource
 from cadenza.model.tokenizer import Tokenizer
 from cadenza.outputs import RequestOutput
+from cadenza.session.layer import SessionLayer
+from cadenza.session.store import ConversationStore
 
 Prompt = str | Sequence[int] | dict[str, Any]
 Messages = list[dict[str, Any]]
@@ -28,73 +33,32 @@ class LLM:
         model: str = "smollm2-135m",
         *,
         source: ModelSource | None = None,
-        dtype: str = "auto",
-        device: str = "auto",
-        seed: int = 0,
-        max_model_len: int | None = None,
-        block_size: int = 16,
-        num_kv_blocks: int | None = None,
-        kv_cache_memory_gib: float = 1.0,
-        enable_prefix_caching: bool = True,
-        max_num_batched_tokens: int = 2048,
-        max_num_seqs: int = 64,
-        long_prefill_token_threshold: int = 0,
-        scheduling_policy: str = "fcfs",
-        attention_backend: str = "auto",
-        linear_backend: str = "auto",
-        num_threads: int | None = None,
-        kv_host_gib: float = 0.0,
-        kv_disk_gib: float = 0.0,
-        kv_disk_path: str | None = None,
-        host_num_blocks: int | None = None,
-        disk_num_blocks: int | None = None,
-        kv_eviction_policy: str = "cost",
-        kv_offload_threshold: float = 0.25,
-        kv_pin_cap_fraction: float = 0.20,
-        kv_disk_write_through: bool = True,
-        kv_cost_model: str = "profile",
-        session_store_path: str | None = None,
+        clock: Callable[[], float] | None = None,
+        **engine_options: Any,
     ) -> None:
-        config = EngineConfig(
-            model=model,
-            dtype=dtype,
-            device=device,
-            seed=seed,
-            num_threads=num_threads,
-            max_model_len=max_model_len,
-            cache=CacheConfig(
-                block_size=block_size,
-                num_blocks=num_kv_blocks,
-                kv_cache_memory_gib=kv_cache_memory_gib,
-                enable_prefix_caching=enable_prefix_caching,
-                kv_host_gib=kv_host_gib,
-                kv_disk_gib=kv_disk_gib,
-                kv_disk_path=kv_disk_path,
-                host_num_blocks=host_num_blocks,
-                disk_num_blocks=disk_num_blocks,
-                kv_eviction_policy=kv_eviction_policy,  # type: ignore[arg-type]
-                kv_offload_threshold=kv_offload_threshold,
-                kv_pin_cap_fraction=kv_pin_cap_fraction,
-                kv_disk_write_through=kv_disk_write_through,
-            ),
-            scheduler=SchedulerConfig(
-                max_num_batched_tokens=max_num_batched_tokens,
-                max_num_seqs=max_num_seqs,
-                long_prefill_token_threshold=long_prefill_token_threshold,
-                policy=scheduling_policy,  # type: ignore[arg-type]
-            ),
-            attention_backend=attention_backend,  # type: ignore[arg-type]
-            linear_backend=linear_backend,  # type: ignore[arg-type]
-            session_store_path=session_store_path,
-            kv_cost_model=kv_cost_model,  # type: ignore[arg-type]
-        )
-        self.engine = LLMEngine(config, source)
+        """``engine_options`` are the engine's knobs by their flat names (``block_size``,
+        ``num_kv_blocks``, ``kv_host_gib``, ``session_store_path``, ...), declared with their
+        defaults in ``cadenza.config``; an unknown name is a TypeError. ``clock`` replaces
+        the monotonic clock every time-reading part of the engine uses (tests inject one)."""
+        config = EngineConfig.from_options(model=model, **engine_options)
+        self.engine = LLMEngine(config, source, clock=clock or time.monotonic)
         self._counter = 0
 
     def get_tokenizer(self) -> Tokenizer:
         if self.engine.tokenizer is None:
             raise ValueError("this model has no tokenizer")
         return self.engine.tokenizer
+
+    @property
+    def sessions(self) -> SessionLayer:
+        """The durable conversation history (``session_store_path``, in memory by default),
+        composed above the engine as the server does."""
+        layer = self.__dict__.get("_sessions")
+        if layer is None:
+            path = self.engine.config.session_store_path or ":memory:"
+            layer = SessionLayer(ConversationStore(path), self.engine.tokenizer)
+            self.__dict__["_sessions"] = layer
+        return layer
 
     def generate(
         self,
@@ -117,8 +81,7 @@ class LLM:
         try:
             for i, (item, p) in enumerate(zip(items, params, strict=True)):
                 prompt, salt = _unpack(item, cache_salt)
-                rid = f"llm-{self._counter}"
-                self._counter += 1
+                rid = self._next_id()
                 prio = priority[i] if priority is not None else 0
                 ids.append(self.engine.add_request(rid, prompt, p, priority=prio, cache_salt=salt))
         except Exception:
@@ -139,19 +102,20 @@ class LLM:
     ) -> list[RequestOutput]:
         """Apply the model's chat template to one conversation or a list of them.
 
-        With ``session_id``, ``messages`` are only the *new* messages of the session's next
-        turn: the engine runs the session's stored exact token history plus the template delta,
-        so the previous turns' KV is reused wherever it lives (device, host or disk). The first
-        turn of a new session passes its opening messages (system prompt included).
+        With ``session_id``, the conversation is a session's next turn: the engine runs the
+        session's stored exact token history plus the template delta of the new messages, so
+        the previous turns' KV is reused wherever it lives (device, host or disk). Pass either
+        only the new messages, or the whole conversation as vLLM users do: messages that
+        repeat the stored transcript are recognised and skipped, as the server does.
         ``retention={"ttl_s": 30}`` keeps the session's KV pinned on the device after the turn.
         """
         if session_id is not None:
             if not _is_conversation(messages):
-                raise ValueError("with session_id, pass one list of new messages")
+                raise ValueError("with session_id, pass one list of messages")
             params = sampling_params if isinstance(sampling_params, SamplingParams) else None
             if sampling_params is not None and params is None:
                 raise ValueError("with session_id, pass one SamplingParams")
-            rid = self.engine.add_turn(
+            rid = self.add_turn(
                 session_id,
                 messages,  # type: ignore[arg-type]
                 params,
@@ -167,6 +131,46 @@ class LLM:
         ]
         return self.generate(prompts, sampling_params, cache_salt=cache_salt)
 
+    def add_turn(
+        self,
+        session_id: str,
+        messages: Messages,
+        params: SamplingParams | None = None,
+        *,
+        request_id: str | None = None,
+        tenant: str = "",
+        retention: dict[str, Any] | None = None,
+        arrival_time: float | None = None,
+    ) -> str:
+        """Queue a session's next turn without running it (drive it with ``step``)."""
+        rid = request_id or self._next_id()
+        request = self.sessions.begin_turn(
+            session_id,
+            messages,
+            rid,
+            params,
+            tenant=tenant,
+            retention=retention,
+            arrival_time=arrival_time,
+        )
+        try:
+            self.engine.submit(request)
+        except BaseException:
+            self.sessions.abort(rid, "rejected")
+            raise
+        return rid
+
+    def step(self) -> list[RequestOutput]:
+        """One engine step; finished session turns are recorded in the store."""
+        outputs = self.engine.step()
+        for output in outputs:
+            self.sessions.observe(output)
+        return outputs
+
+    def abort(self, request_id: str) -> bool:
+        self.sessions.abort(request_id)
+        return self.engine.abort_request(request_id)
+
     def reset_prefix_cache(self) -> bool:
         return self.engine.reset_prefix_cache()
 
@@ -174,17 +178,46 @@ class LLM:
         self, session_id: str, expected_arrival_s: float | None = None, *, tenant: str = ""
     ) -> dict[str, int]:
         """Tell the engine the session's next turn is coming; its KV moves towards the device."""
-        return self.engine.hint(session_id, expected_arrival_s, tenant=tenant)
+        if self.sessions.store.get_session(session_id, tenant=tenant) is None:
+            raise KeyError(f"unknown session {session_id!r}")
+        history = self.sessions.history(session_id)
+        return self.engine.hint(
+            session_id, history, cache_salt=tenant or None, expected_arrival_s=expected_arrival_s
+        )
 
-    def end_session(self, session_id: str, *, delete: bool = False) -> bool:
-        return self.engine.end_session(session_id, delete=delete)
+    def end_session(self, session_id: str, *, delete: bool = False, tenant: str = "") -> bool:
+        """The session is over: unpin its KV (it becomes ordinary cache); optionally delete
+        its stored history too."""
+        store = self.sessions.store
+        if store.get_session(session_id, tenant=tenant) is None:
+            return False
+        self.engine.end_session(self.sessions.history(session_id), tenant or None)
+        if delete:
+            store.delete_session(session_id, tenant=tenant)
+        return True
 
     def session_messages(self, session_id: str) -> list[dict[str, Any]]:
         """The session's completed turns as chat messages (from the durable store)."""
-        return self.engine.store.messages(session_id)
+        return self.sessions.store.messages(session_id)
+
+    def export_kv(self, session_id: str, *, tenant: str = "") -> KVExport:
+        """The session's cached KV (every full block of its history that this engine holds on
+        any tier), checksummed, for ``import_kv`` on another engine."""
+        if self.sessions.store.get_session(session_id, tenant=tenant) is None:
+            raise KeyError(f"unknown session {session_id!r}")
+        history = self.sessions.history(session_id)
+        return self.engine.export_kv(session_id, history, tenant or None)
+
+    def import_kv(self, export: KVExport) -> ImportResult:
+        """Install another engine's export as cached KV (verified; rejected chunks are
+        counted and recomputed by the next turn)."""
+        return self.engine.import_kv(export)
 
     def close(self) -> None:
         self.engine.close()
+        layer = self.__dict__.get("_sessions")
+        if layer is not None:
+            layer.close()
 
     def __enter__(self) -> LLM:
         return self
@@ -192,11 +225,16 @@ class LLM:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    def _next_id(self) -> str:
+        rid = f"llm-{self._counter}"
+        self._counter += 1
+        return rid
+
     def _run(self, request_ids: list[str]) -> list[RequestOutput]:
         pending = set(request_ids)
         final: dict[str, RequestOutput] = {}
         while pending:
-            for output in self.engine.step():
+            for output in self.step():
                 if output.finished and output.request_id in pending:
                     final[output.request_id] = output
                     pending.discard(output.request_id)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from cadenza.core.request import Request, RequestStatus
@@ -30,8 +30,9 @@ class RequestState:
 
 
 class OutputProcessor:
-    def __init__(self, tokenizer: Tokenizer | None) -> None:
+    def __init__(self, tokenizer: Tokenizer | None, clock: Callable[[], float]) -> None:
         self.tokenizer = tokenizer
+        self.clock = clock
         self.states: dict[str, RequestState] = {}
 
     def add(self, request: Request, prompt: str | None, arrival_time: float) -> None:
@@ -57,7 +58,7 @@ class OutputProcessor:
         state = self.states[request.request_id]
         token = request.output_token_ids[-1]
         if state.first_token_time is None:
-            state.first_token_time = time.monotonic()
+            state.first_token_time = self.clock()
         state.cumulative_logprob += logprob
         if state.logprobs is not None:
             entry = {token: Logprob(logprob, None, self._piece(token))}
@@ -117,7 +118,7 @@ class OutputProcessor:
             stop_reason = (
                 state.stop_string if state.stop_string is not None else request.stop_reason
             )
-            state.metrics["e2e_s"] = time.monotonic() - state.arrival_time
+            state.metrics["e2e_s"] = self.clock() - state.arrival_time
         if state.first_token_time is not None:
             state.metrics["ttft_s"] = state.first_token_time - state.arrival_time
         completion = CompletionOutput(

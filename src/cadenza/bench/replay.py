@@ -352,7 +352,7 @@ def _drive(
             _, i, t = heapq.heappop(events)
             turn = conversations[i].turns[t]
             params = SamplingParams(temperature=0.0, max_tokens=max_tokens[i][t], ignore_eos=True)
-            rid = engine.add_turn(f"s{i}", [{"role": "user", "content": turn.user}], params)
+            rid = llm.add_turn(f"s{i}", [{"role": "user", "content": turn.user}], params)
             prompt = engine.scheduler.requests[rid].num_prompt_tokens
             live[rid] = (i, t, prompt)
             live_kv.update(f"s{i}", prompt, now)
@@ -364,7 +364,7 @@ def _drive(
         copying = int(engine.tiers.num_pending_jobs > 0)  # KV copies queued beside this step
         c0 = time.thread_time()
         t0 = time.perf_counter()
-        outputs = engine.step()
+        outputs = llm.step()
         dt = time.perf_counter() - t0
         cpu = time.thread_time() - c0
         plan = probe.plan

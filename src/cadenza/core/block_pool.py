@@ -4,17 +4,23 @@ A block whose last reference is dropped keeps its content key and stays findable
 space is needed again: ``allocate`` hands out empty blocks first and only then evicts cached
 ones, in the order the eviction policy ranks them (LRU, or Pensieve's cost-aware value).
 Eviction is lazy: a cached block is forgotten only at the moment it is reallocated.
+
+Every change to the content index is reported to ``events`` (a ``KVEventLog``) as a device
+event: a key entering the index is stored, a key leaving it (reallocation, ``drop``,
+``unregister``) is removed, and ``reset_index`` clears the tier. A router rebuilds exactly
+``cached_keys()`` from those events.
 """
 
 from __future__ import annotations
 
-import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 from cadenza.core.eviction import EvictionPolicy, LRUEviction
 from cadenza.core.hashing import BlockHash
+from cadenza.core.kv_events import KVEventLog
+from cadenza.core.transfer import Tier
 
 
 @dataclass(eq=False)
@@ -38,7 +44,8 @@ class BlockPool:
         self,
         num_blocks: int,
         policy: EvictionPolicy | None = None,
-        clock: Callable[[], float] = time.monotonic,
+        *,
+        clock: Callable[[], float],
     ) -> None:
         if num_blocks <= 0:
             raise ValueError("a block pool needs at least one block")
@@ -51,6 +58,8 @@ class BlockPool:
         self._cached_free: OrderedDict[int, KVBlock] = OrderedDict()
         self._index: dict[BlockHash, KVBlock] = {}
         self.num_evictions = 0
+        # Device events here; the tier manager adds host and disk events to the same log.
+        self.events = KVEventLog()
         # Called with the cached blocks about to be reallocated, while their content is still
         # intact (the tier manager copies out any that have no lower copy), then with each
         # block just before its content is forgotten.
@@ -68,6 +77,10 @@ class BlockPool:
     @property
     def num_cached_blocks(self) -> int:
         return len(self._index)
+
+    def cached_keys(self) -> list[BlockHash]:
+        """Every key in the content index (the device tier's holdings, as events report it)."""
+        return list(self._index)
 
     def cached_free_blocks(self) -> list[KVBlock]:
         """Unreferenced cached blocks, least recently freed first."""
@@ -156,6 +169,7 @@ class BlockPool:
         block.num_tokens = len(block.token_ids)
         block.last_access = self.clock()
         self._index[block_hash] = block
+        self.events.emit_stored((block_hash,), Tier.DEVICE)
         if block.ref_cnt == 0:
             self._empty.pop(block.block_id, None)
             self._cached_free[block.block_id] = block
@@ -178,10 +192,13 @@ class BlockPool:
         if self.num_free_blocks != self.num_blocks:
             return False
         for block in list(self._cached_free.values()):
-            self.drop(block)
+            del self._cached_free[block.block_id]
+            self._evict(block, emit=False)
+            self._empty[block.block_id] = block
+        self.events.emit_cleared(Tier.DEVICE)
         return True
 
-    def _evict(self, block: KVBlock) -> None:
+    def _evict(self, block: KVBlock, *, emit: bool = True) -> None:
         if block.block_hash is None:
             return
         if self._index.get(block.block_hash) is block:
@@ -189,5 +206,7 @@ class BlockPool:
                 self.on_evict(block)
             del self._index[block.block_hash]
             self.num_evictions += 1
+            if emit:
+                self.events.emit_removed((block.block_hash,), Tier.DEVICE)
         block.block_hash = block.parent_hash = block.token_ids = None
         block.pin_until = 0.0

@@ -10,6 +10,7 @@ still held somewhere; the leading hole before it is recomputed in the same pass 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -55,10 +56,12 @@ class KVCacheManager:
         block_size: int,
         enable_caching: bool = True,
         policy: EvictionPolicy | None = None,
+        *,
+        clock: Callable[[], float],
     ) -> None:
         self.block_size = block_size
         self.enable_caching = enable_caching
-        self.pool = BlockPool(num_blocks, policy) if policy else BlockPool(num_blocks)
+        self.pool = BlockPool(num_blocks, policy, clock=clock)
         self._blocks: dict[str, list[KVBlock]] = {}
         # How many of a request's leading blocks are registered in the content index.
         self._num_registered: dict[str, int] = {}

@@ -61,9 +61,16 @@ class Request:
     # in between were found cached after the hole was recomputed).
     skip_from: int = 0
     skip_to: int = 0
-    # Prompt tokens found cached at admission, by tier ("device", "host", "disk").
+    # Prompt tokens reused from the cache at first admission, by the tier each block came
+    # from ("device": a device hit; "host"/"disk": fetched from there for this request); they
+    # sum to ``num_cached_tokens``. Empty when nothing was reused.
     cached_by_tier: dict[str, int] = field(default_factory=dict)
     fetch_tried: bool = False
+    # The tier ("host" or "disk") of each block, by key, that this request's fetch copied up.
+    fetch_sources: dict[BlockHash, str] = field(default_factory=dict)
+    # How many later requests were admitted while this one waited for its KV fetch (or for
+    # room to fetch into); bounded by the scheduler's ``max_fetch_overtakes``.
+    num_overtaken: int = 0
     # Keep this turn's KV pinned on the device for this long after it finishes.
     retention_ttl_s: float = 0.0
 

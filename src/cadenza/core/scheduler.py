@@ -5,20 +5,28 @@ preempting the newest running request whenever blocks run out, then admits waiti
 FCFS (or priority) order while the budget, the sequence cap and the admission reserve allow.
 Prefill chunks and decodes share one batch.
 
+The admission reserve keeps blocks free for the decodes of running requests; with nothing
+running it protects nobody and does not apply. So every request that ``add_request`` accepts
+(its largest total length fits the pool) can be admitted once the requests ahead of it have
+run: nothing waits forever at the head of the queue.
+
 With tiers attached, a waiting request whose cached prefix sits on host or disk first gets a
-fetch job and waits for it (other requests are admitted meanwhile); a request whose leading
-blocks were dropped recomputes them in the same pass as its new tokens. Preemption swaps the
-victim's computed blocks out to a lower tier before freeing them, so on re-admission its prefix
-is found again (on the device if it survived there, else on host or disk); without tiers it is
-recomputed.
+fetch job and waits for it (or for room to fetch into); later requests are admitted meanwhile,
+but at most ``max_fetch_overtakes`` of them, after which admission waits behind it. A request
+whose leading blocks were dropped recomputes them in the same pass as its new tokens.
+Preemption swaps the victim's computed blocks out to a lower tier before freeing them, so on
+re-admission its prefix is found again (on the device if it survived there, else on host or
+disk); without tiers it is recomputed.
 """
 
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from cadenza.config import CacheConfig, SchedulerConfig
+from cadenza.core.block_pool import KVBlock
 from cadenza.core.eviction import EvictionPolicy
 from cadenza.core.kv_cache_manager import KVCacheManager, PrefixLocation
 from cadenza.core.request import Request, RequestStatus
@@ -55,16 +63,32 @@ class SchedulerOutput:
 
 
 class Scheduler:
+    # How many later requests may be admitted ahead of one waiting for its KV fetch before
+    # admission waits for it: enough to keep the batch busy during a copy, few enough that a
+    # turn whose history is being fetched is not starved by a stream of fresh requests.
+    MAX_FETCH_OVERTAKES = 16
+
     def __init__(
         self,
         scheduler_config: SchedulerConfig,
         cache_config: CacheConfig,
         num_blocks: int,
         policy: EvictionPolicy | None = None,
+        *,
+        clock: Callable[[], float],
+        max_fetch_overtakes: int = MAX_FETCH_OVERTAKES,
     ) -> None:
+        if max_fetch_overtakes < 0:
+            raise ValueError("max_fetch_overtakes must not be negative")
         self.config = scheduler_config
+        self.clock = clock
+        self.max_fetch_overtakes = max_fetch_overtakes
         self.kv = KVCacheManager(
-            num_blocks, cache_config.block_size, cache_config.enable_prefix_caching, policy
+            num_blocks,
+            cache_config.block_size,
+            cache_config.enable_prefix_caching,
+            policy,
+            clock=clock,
         )
         self.tiers: TierManager | None = None
         self.reserve_blocks = int(num_blocks * cache_config.admission_reserve_fraction)
@@ -77,11 +101,20 @@ class Scheduler:
     def add_request(self, request: Request) -> None:
         if request.request_id in self.requests:
             raise ValueError(f"request id {request.request_id!r} is already in use")
+        # On the largest total length, not the prompt: chunked prefill admits a request by its
+        # first chunk, and its later chunks and decodes allocate as it runs.
         max_blocks = -(-request.max_total_tokens // self.kv.block_size)
         if max_blocks > self.kv.num_blocks:
             raise ValueError(
                 f"request {request.request_id!r} may need {max_blocks} KV blocks but the cache "
                 f"has {self.kv.num_blocks}; lower max_tokens or enlarge the KV cache"
+            )
+        budget = self.config.max_num_batched_tokens
+        if not self.config.enable_chunked_prefill and request.num_prompt_tokens > budget:
+            raise ValueError(
+                f"request {request.request_id!r} has {request.num_prompt_tokens} prompt tokens "
+                f"but a step computes at most {budget} without chunked prefill; shorten the "
+                f"prompt, raise max_num_batched_tokens or enable chunked prefill"
             )
         self.requests[request.request_id] = request
         self.waiting.append(request)
@@ -146,58 +179,147 @@ class Scheduler:
         return out
 
     def _admit(self, out: SchedulerOutput, budget: int) -> None:
+        # Requests waiting for a fetch that later requests have gone ahead of in this pass.
+        passed: list[Request] = []
         for request in self._waiting_in_order():
             if budget <= 0 or len(self.running) >= self.config.max_num_seqs:
                 break
-            if self.tiers is not None and self.tiers.is_fetching(request.request_id):
-                continue  # its KV is on the way up; others may go first
-            loc = self.kv.locate_prefix(request, self.tiers)
-            if not request.cached_by_tier and loc.num_blocks:
-                for tier in Tier:
-                    request.cached_by_tier[tier.value] = loc.count(tier) * self.kv.block_size
-            if self._start_fetch(request, loc):
-                continue
-            cached = []
-            for block in loc.device:
-                if block is None:
-                    break  # not fetched: recompute from here
-                cached.append(block)
-            leading = loc.leading if cached else 0
-            held = self.tiers.held(request.request_id) if self.tiers is not None else None
-            tail = None if leading else self.kv.find_tail(request, len(cached), held)
-            request.num_computed_tokens = 0 if leading else len(cached) * self.kv.block_size
-            if tail is not None:
-                request.num_computed_tokens += tail.num_tokens
-            request.skip_from = request.skip_to = 0
-            if leading:
-                request.skip_from = leading * self.kv.block_size
-                request.skip_to = (leading + len(cached)) * self.kv.block_size
-            remaining = request.num_tokens - (request.skip_to - request.skip_from)
-            remaining -= request.num_computed_tokens
-            if not self.config.enable_chunked_prefill and remaining > budget:
+            loc = None
+            waits = self.tiers is not None and self.tiers.is_fetching(request.request_id)
+            if not waits:
+                loc = self.kv.locate_prefix(request, self.tiers)
+                waits = self._start_fetch(request, loc)
+            if waits:
+                if request.num_overtaken >= self.max_fetch_overtakes:
+                    break  # passed often enough: admission now waits for it
+                passed.append(request)
+                continue  # its KV is on the way up (or waits for room); others may go first
+            assert loc is not None
+            num_new = self._try_admit(out, request, loc, budget)
+            if num_new is None:
                 break
-            num_new = self._chunk_size(request, budget)
-            segments = request.segments(num_new)
-            end = max(segments[-1][1], request.skip_to)
-            with_tail = cached + [tail] if tail is not None else cached
-            if not self.kv.can_allocate(request, end, with_tail, self.reserve_blocks, leading):
-                request.num_computed_tokens = 0
-                request.skip_from = request.skip_to = 0
-                break
-            self.waiting.remove(request)
-            self.kv.allocate(request, end, cached, leading, tail)
-            if self.tiers is not None:
-                self.tiers.release_held(request.request_id)
-            if request.num_cached_tokens < 0:
-                request.num_cached_tokens = (
-                    request.num_computed_tokens + request.skip_to - request.skip_from
-                )
-                self.kv.prefix_queries += request.num_tokens
-                self.kv.prefix_hits += request.num_cached_tokens
-            request.status = RequestStatus.RUNNING
-            self.running.append(request)
-            out.chunks.append(self._chunk(request, segments))
             budget -= num_new
+            for waiter in passed:
+                waiter.num_overtaken += 1
+            if any(w.num_overtaken >= self.max_fetch_overtakes for w in passed):
+                break
+
+    def _try_admit(
+        self, out: SchedulerOutput, request: Request, loc: PrefixLocation, budget: int
+    ) -> int | None:
+        """Admit ``request`` over its located prefix if the budget and the pool allow; returns
+        the tokens scheduled for it, or None (the request unchanged) if it must wait."""
+        size = self.kv.block_size
+        cached = []
+        for block in loc.device:
+            if block is None:
+                break  # not fetched: recompute from here
+            cached.append(block)
+        leading = loc.leading if cached else 0
+        held = self.tiers.held(request.request_id) if self.tiers is not None else []
+        tail = None if leading else self.kv.find_tail(request, len(cached), held)
+        request.num_computed_tokens = 0 if leading else len(cached) * size
+        if tail is not None:
+            request.num_computed_tokens += tail.num_tokens
+        request.skip_from = request.skip_to = 0
+        if leading:
+            request.skip_from = leading * size
+            request.skip_to = (leading + len(cached)) * size
+        remaining = request.num_tokens - (request.skip_to - request.skip_from)
+        remaining -= request.num_computed_tokens
+        # Without chunked prefill a request waits for a step with budget for all of it, unless
+        # it is longer than any step (a preempted request's recompute): that one goes in chunks.
+        if (
+            not self.config.enable_chunked_prefill
+            and budget < remaining <= self.config.max_num_batched_tokens
+        ):
+            self._unplace(request)
+            return None
+        num_new = self._chunk_size(request, budget)
+        segments = request.segments(num_new)
+        end = max(segments[-1][1], request.skip_to)
+        with_tail = cached + [tail] if tail is not None else cached
+        if not self._fits(request, end, with_tail, leading):
+            self._unplace(request)
+            return None
+        if request.num_cached_tokens < 0:
+            request.num_cached_tokens = (
+                request.num_computed_tokens + request.skip_to - request.skip_from
+            )
+            request.cached_by_tier = self._reused_by_tier(request, cached, tail, held)
+            self.kv.prefix_queries += request.num_tokens
+            self.kv.prefix_hits += request.num_cached_tokens
+        request.fetch_sources = {}
+        self.waiting.remove(request)
+        self.kv.allocate(request, end, cached, leading, tail)
+        if self.tiers is not None:
+            self.tiers.release_held(request.request_id)
+        request.status = RequestStatus.RUNNING
+        self.running.append(request)
+        out.chunks.append(self._chunk(request, segments))
+        return num_new
+
+    def _fits(self, request: Request, end: int, cached: list[KVBlock], leading: int) -> bool:
+        """Whether admission can give ``request`` slots for tokens ``[0, end)``.
+
+        With requests running, the admission reserve stays free for their decodes. With nothing
+        running the reserve protects nobody, so the whole pool is available; and if device
+        blocks fetched for other waiting requests (or fetched for this one but unusable) are
+        what stand in the way, they are let go. So a request that fits the pool never waits
+        at the head of the queue for longer than in-flight copies take.
+        """
+        kv = self.kv
+        if self.running:
+            return kv.can_allocate(request, end, cached, self.reserve_blocks, leading)
+        if kv.can_allocate(request, end, cached, 0, leading):
+            return True
+        return self._let_go_of_holds(request, cached) and kv.can_allocate(
+            request, end, cached, 0, leading
+        )
+
+    def _let_go_of_holds(self, request: Request, keep: list[KVBlock]) -> bool:
+        """Release device blocks held for waiting requests, except ``request``'s blocks in
+        ``keep``; the others fetch again when their turn comes. Returns whether any went."""
+        if self.tiers is None:
+            return False
+        released = False
+        for other in self.waiting:
+            if self.tiers.is_fetching(other.request_id):
+                continue  # its copy is still landing in the blocks it holds
+            blocks = self.tiers.take_held(other.request_id)
+            if not blocks:
+                continue
+            kept = [b for b in blocks if any(b is k for k in keep)] if other is request else []
+            if kept:
+                self.tiers.hold(other.request_id, kept)  # a second reference, kept below
+            self.kv.pool.free(blocks, accessed=False)
+            released = released or len(kept) < len(blocks)
+            if other is not request:
+                other.fetch_tried = False
+                other.fetch_sources = {}
+        return released
+
+    def _reused_by_tier(
+        self, request: Request, cached: list[KVBlock], tail: KVBlock | None, held: list[KVBlock]
+    ) -> dict[str, int]:
+        """Tokens of the blocks admission reuses, by the tier each came from: fetched for this
+        request (from host or disk, per ``fetch_sources``), else found on the device."""
+        held_ids = {b.block_id for b in held}
+        by_tier = {tier.value: 0 for tier in Tier}
+        reused = [(b, self.kv.block_size) for b in cached]
+        if tail is not None:
+            reused.append((tail, tail.num_tokens))
+        for block, num_tokens in reused:
+            tier = Tier.DEVICE.value
+            if block.block_id in held_ids and block.block_hash is not None:
+                tier = request.fetch_sources.get(block.block_hash, tier)
+            by_tier[tier] += num_tokens
+        return by_tier if any(by_tier.values()) else {}
+
+    @staticmethod
+    def _unplace(request: Request) -> None:
+        request.num_computed_tokens = 0
+        request.skip_from = request.skip_to = 0
 
     def _start_fetch(self, request: Request, loc: PrefixLocation) -> bool:
         """Fetch the lower-tier blocks of the located run, once; True if the request waits
@@ -208,7 +330,8 @@ class Scheduler:
         if not wanted:
             request.fetch_tried = True
             return False
-        room = self.kv.pool.num_free_blocks - self.reserve_blocks
+        reserve = self.reserve_blocks if self.running else 0  # as in ``_fits``
+        room = self.kv.pool.num_free_blocks - reserve
         room -= sum(1 for b in loc.device if b is not None and b.ref_cnt == 0)
         if room < len(wanted) and self.running:
             return True  # wait for room rather than recompute what a lower tier holds
@@ -216,8 +339,10 @@ class Scheduler:
         # Hold the run's device blocks so the fetch (or anyone) cannot evict them meanwhile.
         self.tiers.hold(request.request_id, [b for b in loc.device if b is not None])
         wanted = wanted[: max(0, room)]
+        request.fetch_sources = {key: tier.value for key, _, _, _, tier in wanted}
         if self.tiers.fetch(request.request_id, wanted) is None:
             self.tiers.release_held(request.request_id)
+            request.fetch_sources = {}
             return False
         return True
 
@@ -247,6 +372,8 @@ class Scheduler:
         request.num_computed_tokens = 0
         request.skip_from = request.skip_to = 0
         request.fetch_tried = False
+        request.fetch_sources = {}
+        request.num_overtaken = 0
         request.num_preemptions += 1
         self.num_preemptions += 1
         self.waiting.appendleft(request)

@@ -15,22 +15,44 @@ a directory of content-addressed files (``kvstore.disk_tier``). The tier manager
 * **pins** — retention TTLs and hints pin device blocks, capped at a fraction of the pool.
 
 A block whose host copy is still valid is never copied out again: everything is keyed by content.
+
+KV events: host entries added and evicted, and the disk tier's changes, go to the block pool's
+event log (``pool.events``) next to its device events, so a router can index all three tiers
+from one ordered stream. The disk tier changes on the copy thread (writes, its own capacity
+evictions), so it journals its changes (``DiskJournal``) and they are pulled into the log on the
+engine thread whenever the log is drained; ``emit_disk_snapshot`` announces the files a
+restarted worker found on disk.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from cadenza.core.block_pool import BlockPool, KVBlock
 from cadenza.core.eviction import EvictionPolicy
 from cadenza.core.hashing import BlockHash
+from cadenza.core.kv_events import KVEventLog
 from cadenza.core.transfer import JobKind, Tier, TransferExecutor, TransferItem, TransferJob
 
 
 class DiskIndex(Protocol):
     def __contains__(self, key: BlockHash) -> bool: ...
+
+
+@runtime_checkable
+class DiskJournal(Protocol):
+    """A disk index that can list its keys and journal its changes (``DiskTier`` does); only
+    such a disk is reported in KV events."""
+
+    def __contains__(self, key: BlockHash) -> bool: ...
+
+    def keys(self) -> list[bytes]: ...
+
+    def track_changes(self) -> None: ...
+
+    def drain_changes(self) -> list[tuple[bytes, bool]]: ...
 
 
 @dataclass(eq=False)
@@ -49,9 +71,12 @@ class HostEntry:
 class HostIndex:
     """Host RAM slots by block key, evicted by the same policy as the device pool."""
 
-    def __init__(self, num_slots: int, policy: EvictionPolicy) -> None:
+    def __init__(
+        self, num_slots: int, policy: EvictionPolicy, events: KVEventLog | None = None
+    ) -> None:
         self.num_slots = num_slots
         self.policy = policy
+        self.events = events
         self.entries: dict[BlockHash, HostEntry] = {}
         self._free_slots = list(range(num_slots - 1, -1, -1))
 
@@ -80,10 +105,19 @@ class HostIndex:
                 del self.entries[entry.key]
                 evicted.append(entry)
                 slots.append(entry.slot)
+            if evicted and self.events is not None:
+                self.events.emit_removed([e.key for e in evicted], Tier.HOST)
         return slots, evicted
 
-    def add(self, entry: HostEntry) -> None:
+    def add(self, entry: HostEntry) -> bool:
+        """Index a filled slot; False (nothing changes) if the key is already held, in which
+        case the caller releases the slot."""
+        if entry.key in self.entries:
+            return False
         self.entries[entry.key] = entry
+        if self.events is not None:
+            self.events.emit_stored((entry.key,), Tier.HOST)
+        return True
 
     def release(self, slot: int) -> None:
         self._free_slots.append(slot)
@@ -129,7 +163,8 @@ class TierManager:
         max_job_blocks: int = 256,
     ) -> None:
         self.pool = pool
-        self.host = HostIndex(host_slots, policy) if host_slots > 0 else None
+        self.events = pool.events
+        self.host = HostIndex(host_slots, policy, self.events) if host_slots > 0 else None
         self.disk = disk
         self.executor = executor
         self.policy = policy
@@ -142,10 +177,16 @@ class TierManager:
         self._pending: dict[int, _Pending] = {}
         # Fetched device blocks held for the request that waits for them, until it is admitted.
         self._held: dict[str, list[KVBlock]] = {}
-        self._fetching: set[str] = set()
+        # The fetch each owner waits for, by job id. An owner released meanwhile (an aborted
+        # request) is dropped from here; its fetch then lands as ordinary cached blocks.
+        self._fetching: dict[str, int] = {}
         self._offload_in_flight = 0
         pool.before_evict = self.offload_now
         pool.on_evict = self._on_device_evict
+        self._journal = disk if isinstance(disk, DiskJournal) else None
+        if self._journal is not None:
+            self._journal.track_changes()
+            self.events.add_drain_hook(self._collect_disk_events)
 
     # ------------------------------------------------------------------------- lookup
     def locate(self, key: BlockHash, parent: BlockHash, token_ids: Sequence[int]) -> Tier | None:
@@ -210,7 +251,7 @@ class TierManager:
             )
         job = TransferJob(JobKind.FETCH, items, owner=owner, pin_until=pin_until)
         self._pending[job.job_id] = _Pending(job, blocks, busy, [])
-        self._fetching.add(owner)
+        self._fetching[owner] = job.job_id
         self.stats.fetch_jobs += 1
         self.executor.submit(job)
         return job
@@ -228,6 +269,11 @@ class TierManager:
         return self._held.pop(owner, [])
 
     def release_held(self, owner: str) -> None:
+        """Let go of everything kept for ``owner``: the blocks held now, and a fetch still in
+        flight, whose blocks become ordinary (unreferenced) cached blocks when it lands. Called
+        when the owner is admitted (nothing in flight then) and when it finishes or is
+        aborted, so an abort during a fetch leaks no device block."""
+        self._fetching.pop(owner, None)
         self.pool.free(self.take_held(owner), accessed=False)
 
     # ---------------------------------------------------------------------- copies out
@@ -340,9 +386,12 @@ class TierManager:
                 continue
             used_slots.add(item.dst_slot)
             block = by_block[item.src_slot]
-            if item.ok and self.host is not None:
-                self.stats.offloaded_blocks += 1
-                self.host.add(
+            # Two jobs may copy the same block (an ahead-of-time copy still in flight when a
+            # preemption copies it again); the first copy to land is kept.
+            if (
+                item.ok
+                and self.host is not None
+                and self.host.add(
                     HostEntry(
                         item.key,
                         item.parent,
@@ -353,6 +402,8 @@ class TierManager:
                         block.last_access,
                     )
                 )
+            ):
+                self.stats.offloaded_blocks += 1
             elif self.host is not None:
                 self.host.release(item.dst_slot)
         if self.host is not None:
@@ -370,7 +421,9 @@ class TierManager:
 
     def _apply_fetch(self, job: TransferJob, blocks: list[KVBlock]) -> None:
         owner = job.owner or ""
-        self._fetching.discard(owner)
+        awaited = self._fetching.get(owner) == job.job_id
+        if awaited:
+            del self._fetching[owner]
         self.stats.swap_in_bytes += job.bytes_moved
         self.stats.swap_in_seconds += job.seconds
         kept: list[KVBlock] = []
@@ -387,11 +440,37 @@ class TierManager:
                 self.stats.failed_fetches += not item.ok
                 unused.append(block)
         self.pool.free(unused, accessed=False)
-        if owner.startswith("hint:"):
+        if not awaited:
+            self.pool.free(kept, accessed=False)  # its owner is gone: plain cached blocks
+        elif owner.startswith("hint:"):
             self.pool.free(kept, accessed=False)
             self.pin(kept, job.pin_until)
         else:
             self._held.setdefault(owner, []).extend(kept)
+
+    # ----------------------------------------------------------------------- KV events
+    def emit_disk_snapshot(self) -> int:
+        """Announce the disk tier's whole content: ``AllCleared(DISK)`` then one
+        ``BlockStored(DISK)`` with every key present. The engine calls it once at start, so a
+        restarted worker rejoins with the blocks it left on disk; calling it again later is a
+        harmless resync. Returns the number of keys announced (0 without a journaling disk)."""
+        if self._journal is None:
+            return 0
+        self._collect_disk_events()  # changes so far come first; the snapshot supersedes them
+        keys = self._journal.keys()
+        self.events.emit_cleared(Tier.DISK)
+        self.events.emit_stored(keys, Tier.DISK)
+        return len(keys)
+
+    def _collect_disk_events(self) -> None:
+        """Move the disk tier's journaled changes into the event log, in order (the log
+        coalesces runs of the same kind)."""
+        assert self._journal is not None
+        for key, present in self._journal.drain_changes():
+            if present:
+                self.events.emit_stored((key,), Tier.DISK)
+            else:
+                self.events.emit_removed((key,), Tier.DISK)
 
     def _on_device_evict(self, block: KVBlock) -> None:
         if block.block_hash is not None and not self.has_lower_copy(block.block_hash):

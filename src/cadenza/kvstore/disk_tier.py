@@ -39,6 +39,12 @@ rename into place and the unlinks, so the index and the directory agree whenever
 free; payload IO runs outside it. A reader racing an eviction either already has the file open
 (POSIX keeps an unlinked file readable, with the right content) or fails to open it: a clean
 miss. One process owns a directory: start-up deletes every ``*.tmp`` in it.
+
+Change journal: after ``track_changes()``, every change of membership (a write committed, a
+file discarded, evicted by the capacity LRU, or dropped as corrupt or missing) is appended,
+under the lock and so in the order it happened, to a list that ``drain_changes()`` hands over.
+The tier changes on whichever thread copies blocks, so this is how the engine thread learns
+exactly which keys the tier holds (for the KV events a cluster router indexes).
 """
 
 from __future__ import annotations
@@ -46,6 +52,7 @@ from __future__ import annotations
 import contextlib
 import io
 import itertools
+import logging
 import os
 import struct
 import threading
@@ -55,6 +62,8 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
+
+log = logging.getLogger("cadenza.kv.disk")
 
 KEY_BYTES = 32
 MAGIC = b"CDZKV\x00"
@@ -117,6 +126,8 @@ class DiskTier:
         self._stats = DiskTierStats()
         self._tmp_ids = itertools.count()
         self._shards: set[str] = set()
+        # (key, now present) for each change of membership, while tracking; see the module doc.
+        self._changes: list[tuple[bytes, bool]] | None = None
         self.path.mkdir(parents=True, exist_ok=True)
         self._scan()
 
@@ -148,6 +159,22 @@ class DiskTier:
         """Stored keys, least recently used first."""
         with self._lock:
             return list(self._index)
+
+    def track_changes(self) -> None:
+        """Start journaling changes of membership (idempotent); see ``drain_changes``."""
+        with self._lock:
+            if self._changes is None:
+                self._changes = []
+
+    def drain_changes(self) -> list[tuple[bytes, bool]]:
+        """``(key, present)`` for every key stored (True) or gone (False) since the last call,
+        in the order the changes happened; empty unless ``track_changes`` was called. The
+        files present before tracking started are ``keys()`` at that time."""
+        with self._lock:
+            if not self._changes:
+                return []
+            out, self._changes = self._changes, []
+            return out
 
     # ------------------------------------------------------------------ writes
 
@@ -202,6 +229,7 @@ class DiskTier:
                 self._pending_bytes -= size
                 self._index[key] = (size, now)
                 self._index_bytes += size
+                self._record_locked(key, True)
                 self._stats.num_writes += 1
                 self._stats.bytes_written += data.nbytes
                 self._stats.write_seconds += time.perf_counter() - start
@@ -226,6 +254,7 @@ class DiskTier:
             if entry is None:
                 return False
             self._index_bytes -= entry[0]
+            self._record_locked(key, False)
             _unlink_quiet(self._file(key))
             return True
 
@@ -307,6 +336,11 @@ class DiskTier:
                 identity = None
         finally:
             os.close(fd)
+        log.warning(
+            "disk KV block %s failed verification (%s); deleted, it will be recomputed",
+            key.hex()[:16],
+            "corrupt" if verdict == _CORRUPT else "header does not match its key",
+        )
         with self._lock:
             if verdict == _CORRUPT:
                 self._stats.num_corrupt += 1
@@ -332,6 +366,11 @@ class DiskTier:
         entry = self._index.pop(key, None)
         if entry is not None:
             self._index_bytes -= entry[0]
+            self._record_locked(key, False)
+
+    def _record_locked(self, key: bytes, present: bool) -> None:
+        if self._changes is not None:
+            self._changes.append((key, present))
 
     def _tick_locked(self) -> int:
         """Now in ns, strictly after every earlier tick, so mtimes order the accesses."""
@@ -353,6 +392,7 @@ class DiskTier:
         while self._index_bytes + self._pending_bytes + size > self.capacity_bytes:
             victim, (victim_size, _) = self._index.popitem(last=False)
             self._index_bytes -= victim_size
+            self._record_locked(victim, False)
             _unlink_quiet(self._file(victim))
             self._stats.num_evictions += 1
         return True

@@ -12,6 +12,18 @@ a few MiB and starts a slice only while the engine is not inside a forward pass
 (:meth:`SwapEngine.computing`): it fills the gaps between steps and the idle time between
 turns, and overlaps a step by at most one slice. A fetch that an admitted turn waits for is
 urgent and runs at once, between the slices of any background job.
+
+``run_now`` (swap preemption, eviction that the ahead-of-time copy has not kept up with) runs a
+job on the caller's thread, with its own staging buffer and CUDA stream. It waits only for
+queued or running jobs that write a device block or host slot it touches, or read one it
+writes; a slow write-through to disk of other blocks does not hold it up. Disk files are not
+ordered this way: they are content-addressed, and the disk tier handles concurrent access.
+
+Every block copied to host gets an XXH3-64 checksum of its bytes there, kept per host slot; a
+fetch to the device or a spill to disk checks it first, and a block that fails (or a slot that
+no copy filled) is not installed or written: its item fails, so the block is recomputed, and
+``checksum_failures`` counts it. XXH3 runs at memory speed (about 8x zlib's crc32 here), so
+checking every host copy costs a fraction of the copy itself.
 """
 
 from __future__ import annotations
@@ -24,7 +36,9 @@ import time
 from collections import deque
 from collections.abc import Iterator
 
+import numpy as np
 import torch
+import xxhash
 
 from cadenza.core.transfer import Tier, TransferItem, TransferJob
 from cadenza.kvstore.disk_tier import DiskTier
@@ -42,6 +56,26 @@ def _runs(pairs: list[tuple[int, int]]) -> Iterator[tuple[int, int, int]]:
         ):
             yield pairs[start][0], pairs[start][1], i - start
             start = i
+
+
+def _places(job: TransferJob) -> tuple[set[tuple[Tier, int]], set[tuple[Tier, int]]]:
+    """The device blocks and host slots a job reads and writes (disk files are left out)."""
+    reads: set[tuple[Tier, int]] = set()
+    writes: set[tuple[Tier, int]] = set()
+    for item in job.items:
+        if item.src != Tier.DISK:
+            reads.add((item.src, item.src_slot))
+        if item.dst != Tier.DISK:
+            writes.add((item.dst, item.dst_slot))
+    return reads, writes
+
+
+def _conflict(
+    a: tuple[set[tuple[Tier, int]], set[tuple[Tier, int]]],
+    b: tuple[set[tuple[Tier, int]], set[tuple[Tier, int]]],
+) -> bool:
+    """Whether two jobs must run in order: one writes what the other reads or writes."""
+    return bool(a[1] & (b[0] | b[1]) or b[1] & a[0])
 
 
 class SwapEngine:
@@ -67,13 +101,28 @@ class SwapEngine:
         )
         block_shape = shape[:2] + shape[3:]
         self.block_bytes = device_kv[:, :, 0].numel() * device_kv.element_size()
+        # Disk reads land here first; ``run_now`` has its own, as it may run beside the thread.
         self._staging = torch.empty(block_shape, dtype=device_kv.dtype)
+        self._staging_now = torch.empty(block_shape, dtype=device_kv.dtype)
         self._stream = torch.cuda.Stream(device=device_kv.device) if self.on_cuda else None
+        self._stream_now = torch.cuda.Stream(device=device_kv.device) if self.on_cuda else None
+        self._run_now_lock = threading.Lock()
+        # The host tensor as bytes, [layers * 2, slots, bytes of one block's K or V]: a block's
+        # bytes in a slot are layers * 2 contiguous rows, checksummed one after the other.
+        self._host_rows: np.ndarray | None = None
+        if self.host_kv is not None:
+            rows = self.host_kv.view(torch.uint8).view(shape[0] * shape[1], shape[2], -1)
+            self._host_rows = rows.numpy()
+        # XXH3-64 of each host slot's bytes as an offload wrote them; -1: no valid copy there.
+        self._host_crc = [-1] * max(host_slots, 0)
+        self.checksum_failures = 0  # host copies that failed verification (never installed)
         # Blocks per background slice; copies on CUDA overlap compute for real and run whole.
         self.slice_blocks = max(1, slice_bytes // max(self.block_bytes, 1))
         self._yield_to_compute = not self.on_cuda
         self._urgent: deque[TransferJob] = deque()
         self._background: list[tuple[int, int, TransferJob]] = []  # heap by priority
+        # Submitted jobs not yet finished, with the places they read and write (for run_now).
+        self._active: dict[int, tuple[set[tuple[Tier, int]], set[tuple[Tier, int]]]] = {}
         self._seq = itertools.count()
         self._done: list[TransferJob] = []
         self._cond = threading.Condition()
@@ -87,8 +136,10 @@ class SwapEngine:
     # ---------------------------------------------------------------- executor interface
     def submit(self, job: TransferJob) -> None:
         self._record_ready(job)
+        places = _places(job)
         with self._cond:
             self._in_flight += 1
+            self._active[job.job_id] = places
             if job.is_urgent:
                 self._urgent.append(job)
             else:
@@ -108,10 +159,16 @@ class SwapEngine:
                 self._cond.notify_all()
 
     def run_now(self, job: TransferJob) -> None:
+        """Run ``job`` on the caller's thread, after the submitted jobs that write a device
+        block or host slot it touches or read one it writes (not after unrelated ones)."""
+        places = _places(job)
         with self._cond:
-            self._cond.wait_for(lambda: self._in_flight == 0)
+            self._cond.wait_for(
+                lambda: not any(_conflict(places, other) for other in self._active.values())
+            )
         self._record_ready(job)
-        self._run(job)
+        with self._run_now_lock:
+            self._run(job, self._stream_now, self._staging_now, background=False)
 
     def poll(self) -> list[TransferJob]:
         with self._cond:
@@ -162,10 +219,11 @@ class SwapEngine:
 
     def _execute(self, job: TransferJob) -> None:
         try:
-            self._run(job)
+            self._run(job, self._stream, self._staging, background=not job.is_urgent)
         finally:
             with self._cond:
                 self._in_flight -= 1
+                self._active.pop(job.job_id, None)
                 self._done.append(job)
                 self._cond.notify_all()
 
@@ -182,28 +240,40 @@ class SwapEngine:
             self._execute(urgent)
 
     @torch.inference_mode()
-    def _run(self, job: TransferJob) -> None:
+    def _run(
+        self,
+        job: TransferJob,
+        stream: torch.cuda.Stream | None,
+        staging: torch.Tensor,
+        *,
+        background: bool,
+    ) -> None:
         start = time.perf_counter()
         try:
-            if self._stream is not None:
+            if stream is not None:
                 ready = job.__dict__.get("_ready")
                 if ready is not None:
-                    self._stream.wait_event(ready)
-                with torch.cuda.stream(self._stream):
-                    self._run_items(job)
-                self._stream.synchronize()
+                    stream.wait_event(ready)
+                with torch.cuda.stream(stream):
+                    self._run_items(job, stream, staging, background)
+                stream.synchronize()
             else:
-                self._run_items(job)
+                self._run_items(job, None, staging, background)
         except Exception as exc:  # a failed copy costs a recompute, never the engine
             job.error = f"{type(exc).__name__}: {exc}"
             for item in job.items:
                 item.ok = False
         job.seconds = time.perf_counter() - start
 
-    def _run_items(self, job: TransferJob) -> None:
+    def _run_items(
+        self,
+        job: TransferJob,
+        stream: torch.cuda.Stream | None,
+        staging: torch.Tensor,
+        background: bool,
+    ) -> None:
         # Items run in order, grouped by (source, destination): spills of a host slot come
-        # before the copy that overwrites it.
-        background = not job.is_urgent
+        # before the copy that overwrites it. Background jobs go in slices (see the module doc).
         for (src, dst), group in itertools.groupby(job.items, key=lambda i: (i.src, i.dst)):
             items = list(group)
             for start in range(0, len(items), self.slice_blocks):
@@ -215,9 +285,9 @@ class SwapEngine:
                         self._write_disk(job, item)
                 elif src == Tier.DISK:
                     for item in part:
-                        self._read_disk(job, item)
+                        self._read_disk(job, item, staging)
                 else:
-                    self._copy_tensor(job, src, dst, part)
+                    self._copy_tensor(job, src, dst, part, stream)
 
     def _tensor(self, tier: Tier) -> torch.Tensor:
         if tier == Tier.DEVICE:
@@ -226,13 +296,53 @@ class SwapEngine:
             raise RuntimeError("no host tier configured")
         return self.host_kv
 
+    # ------------------------------------------------------------------- host checksums
+    def _slot_crc(self, slot: int) -> int:
+        """XXH3-64 of the bytes of host slot ``slot``, in the block's (layer, K/V, ...) order."""
+        assert self._host_rows is not None
+        digest = xxhash.xxh3_64()
+        for row in self._host_rows[:, slot]:
+            digest.update(row)
+        return digest.intdigest()
+
+    def _verify_host(self, slot: int, crc: int | None = None) -> bool:
+        """Whether host slot ``slot`` (or bytes read from it with checksum ``crc``) still holds
+        what an offload wrote there; counts a failure."""
+        expected = self._host_crc[slot]
+        ok = expected >= 0 and (self._slot_crc(slot) if crc is None else crc) == expected
+        if not ok:
+            with self._cond:
+                self.checksum_failures += 1
+        return ok
+
+    def verify_host_slot(self, slot: int) -> bool:
+        """Check a host slot against its checksum before reading it outside a copy job (e.g. a
+        KV export); a failure is counted."""
+        return self._verify_host(slot)
+
     def _copy_tensor(
-        self, job: TransferJob, src: Tier, dst: Tier, items: list[TransferItem]
+        self,
+        job: TransferJob,
+        src: Tier,
+        dst: Tier,
+        items: list[TransferItem],
+        stream: torch.cuda.Stream | None,
     ) -> None:
         src_t, dst_t = self._tensor(src), self._tensor(dst)
+        if src == Tier.HOST:
+            # A slot whose bytes changed since they were copied out is never installed.
+            items = [i for i in items if self._verify_host(i.src_slot)]
+        if dst == Tier.HOST:
+            for item in items:
+                self._host_crc[item.dst_slot] = -1  # until the new bytes are checksummed
         pairs = [(i.src_slot, i.dst_slot) for i in items]
         for s, d, n in _runs(pairs):
             dst_t[:, :, d : d + n].copy_(src_t[:, :, s : s + n], non_blocking=self.on_cuda)
+        if dst == Tier.HOST:
+            if stream is not None:
+                stream.synchronize()  # the bytes must have landed before they are summed
+            for item in items:
+                self._host_crc[item.dst_slot] = self._slot_crc(item.dst_slot)
         for item in items:
             item.ok = True
         job.bytes_moved += len(items) * self.block_bytes
@@ -242,12 +352,14 @@ class SwapEngine:
         block = self._tensor(item.src)[:, :, item.src_slot]
         data = block.to("cpu").contiguous() if self.on_cuda else block.contiguous()
         payload = memoryview(data.view(torch.uint8).numpy()).cast("B")
+        digest = xxhash.xxh3_64_intdigest(payload) if item.src == Tier.HOST else 0
+        if item.src == Tier.HOST and not self._verify_host(item.src_slot, digest):
+            return  # a spill of bytes that changed in host memory: drop, never persist
         item.ok = self.disk.put(item.key, item.parent, item.token_ids, payload)
         job.bytes_moved += self.block_bytes if item.ok else 0
 
-    def _read_disk(self, job: TransferJob, item: TransferItem) -> None:
+    def _read_disk(self, job: TransferJob, item: TransferItem, staging: torch.Tensor) -> None:
         assert self.disk is not None
-        staging = self._staging
         buf = memoryview(staging.view(torch.uint8).numpy()).cast("B")
         if not self.disk.read_into(item.key, item.parent, item.token_ids, buf):
             return

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
 from cadenza.config import EngineConfig
+from cadenza.core.engine_core import SampledToken
 from cadenza.core.kv_cache_manager import KVCacheManager
 from cadenza.core.scheduler import SchedulerOutput
 from cadenza.model.llama import LlamaForCausalLM
@@ -15,13 +14,6 @@ from cadenza.model.source import ModelSource
 from cadenza.runner.attention_backend import select_attention
 from cadenza.runner.attention_metadata import AttentionMetadata
 from cadenza.runner.sampler import SamplingBatch, sample
-
-
-@dataclass
-class SampledToken:
-    token_id: int
-    logprob: float
-    top: list[tuple[int, float]] | None
 
 
 def resolve_device(name: str) -> torch.device:
@@ -184,7 +176,9 @@ def profile_chunk_costs(
     from cadenza.core.sampling_params import SamplingParams
     from cadenza.core.scheduler import ScheduledChunk
 
-    kv = KVCacheManager(runner.num_blocks, runner.block_size, enable_caching=False)
+    kv = KVCacheManager(
+        runner.num_blocks, runner.block_size, enable_caching=False, clock=time.perf_counter
+    )
     vocab = runner.model_config.vocab_size
     points: list[tuple[int, float]] = []
     for start in starts:

@@ -20,6 +20,7 @@ from cadenza.server import (
 )
 from cadenza.server.errors import error_response, install_error_handlers
 from cadenza.server.state import ServerState
+from cadenza.server.text_checks import RejectInvalidText
 
 log = logging.getLogger("cadenza.server")
 
@@ -98,6 +99,9 @@ def build_app(state: ServerState, *, extra_routers: tuple[Any, ...] = ()) -> Fas
     app.state.cadenza = state
     install_error_handlers(app)
 
+    # Starlette runs the middleware added last first: the size limit bounds what the text
+    # check reads.
+    app.add_middleware(RejectInvalidText)
     app.add_middleware(BodySizeLimit, state=state)
 
     @app.get("/health")

@@ -1,10 +1,13 @@
-"""AsyncEngine: the synchronous ``LLMEngine`` on its own thread, driven from asyncio.
+"""AsyncEngine: an engine on its own thread, driven from asyncio through the typed engine API.
 
-The engine (model, block pool, scheduler, store) is touched by exactly one thread, the engine
-thread: it is built there, steps there, and every other access is a command queued to it. Any
-number of HTTP handlers submit commands and read their requests' outputs from per-request
-asyncio queues, so one slow or disconnected client never blocks the others. A stream that is
-closed before its request finishes (client gone) aborts the request, which frees its blocks.
+The engine (model, block pool, scheduler) is touched by exactly one thread, the engine thread:
+it is built there, steps there, and everything else reaches it as an ``engine_api`` command
+(plain dataclasses — the same commands a remote worker takes). Any number of HTTP handlers
+submit requests and read their outputs from per-request asyncio queues, so one slow or
+disconnected client never blocks the others. A stream closed before its request finishes
+(client gone) aborts the request, which frees its blocks — even while it still waits.
+
+This module does not import the engine (or torch): the factory passed in builds it.
 """
 
 from __future__ import annotations
@@ -17,13 +20,27 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, Protocol
 
-from cadenza.engine import LLMEngine
+from cadenza.engine_api import AbortRequest, AddRequest, EngineCommand, EngineRequest, GetLoad
 from cadenza.outputs import RequestOutput
 
 log = logging.getLogger("cadenza.server")
-T = TypeVar("T")
+
+
+class EngineLike(Protocol):
+    """What the engine thread drives: ``LLMEngine`` (or anything with the same API)."""
+
+    config: Any
+    tokenizer: Any
+
+    def handle(self, command: EngineCommand) -> Any: ...
+
+    def step(self) -> list[RequestOutput]: ...
+
+    def has_unfinished_requests(self) -> bool: ...
+
+    def close(self) -> None: ...
 
 
 class QueueFullError(RuntimeError):
@@ -44,24 +61,27 @@ class _Stream:
     queue: asyncio.Queue[RequestOutput | BaseException]
 
 
+StepHook = Callable[[list[RequestOutput], float], None]
+
+
 class AsyncEngine:
     def __init__(
         self,
-        factory: Callable[[], LLMEngine],
+        factory: Callable[[], EngineLike],
         *,
         max_waiting: int = 256,
-        on_step: Callable[[LLMEngine, list[RequestOutput], float], None] | None = None,
+        on_step: StepHook | None = None,
     ) -> None:
         self.max_waiting = max_waiting
         self.on_step = on_step
-        self._commands: queue.SimpleQueue[Callable[[LLMEngine], None]] = queue.SimpleQueue()
+        self._commands: queue.SimpleQueue[Callable[[EngineLike], None]] = queue.SimpleQueue()
         self._streams: dict[str, _Stream] = {}
         self._ids = itertools.count()
         self._accepting = True
         self._stop = threading.Event()
         self._ready = threading.Event()
         self._startup_error: BaseException | None = None
-        self.engine: LLMEngine | None = None
+        self.engine: EngineLike | None = None
         self._thread = threading.Thread(
             target=self._run, args=(factory,), name="cadenza-engine", daemon=True
         )
@@ -69,9 +89,13 @@ class AsyncEngine:
         self._ready.wait()
         if self._startup_error is not None:
             raise self._startup_error
+        assert self.engine is not None
+        # Immutable facts about the engine, for the layers above it.
+        self.config = self.engine.config
+        self.tokenizer = self.engine.tokenizer
 
     # ------------------------------------------------------------------ engine thread
-    def _run(self, factory: Callable[[], LLMEngine]) -> None:
+    def _run(self, factory: Callable[[], EngineLike]) -> None:
         try:
             self.engine = factory()
         except BaseException as exc:  # reported to the constructor's caller
@@ -92,7 +116,7 @@ class AsyncEngine:
         except Exception:
             log.exception("closing the engine failed")
 
-    def _drain(self, engine: LLMEngine, block: bool) -> None:
+    def _drain(self, engine: EngineLike, block: bool) -> None:
         try:
             command = self._commands.get(timeout=0.05) if block else self._commands.get_nowait()
         except queue.Empty:
@@ -104,21 +128,21 @@ class AsyncEngine:
             except queue.Empty:
                 return
 
-    def _step(self, engine: LLMEngine) -> None:
+    def _step(self, engine: EngineLike) -> None:
         start = time.perf_counter()
         try:
             outputs = engine.step()
         except Exception as exc:
             log.exception("engine step failed; failing the requests in flight")
             for request_id in list(self._streams):
-                engine.abort_request(request_id)
+                engine.handle(AbortRequest(request_id, "error"))
                 self._deliver(request_id, RuntimeError(f"engine step failed: {exc}"))
             return
         for output in outputs:
             self._deliver(output.request_id, output)
         if self.on_step is not None:
             try:
-                self.on_step(engine, outputs, time.perf_counter() - start)
+                self.on_step(outputs, time.perf_counter() - start)
             except Exception:
                 log.exception("step observer failed")
 
@@ -131,14 +155,17 @@ class AsyncEngine:
         stream.loop.call_soon_threadsafe(stream.queue.put_nowait, item)
 
     # ------------------------------------------------------------------ asyncio side
-    async def call(self, fn: Callable[[LLMEngine], T]) -> T:
-        """Run ``fn(engine)`` on the engine thread and return its result (or raise its error)."""
+    async def call(self, command: EngineCommand) -> Any:
+        """Execute a typed command on the engine thread; returns its result (or raises)."""
+        return await self._run_on_engine(lambda engine: engine.handle(command))
+
+    async def _run_on_engine(self, fn: Callable[[EngineLike], Any]) -> Any:
         if self._stop.is_set() or not self._thread.is_alive():
             raise EngineStoppedError("the engine is shutting down")
         loop = asyncio.get_running_loop()
-        future: asyncio.Future[T] = loop.create_future()
+        future: asyncio.Future[Any] = loop.create_future()
 
-        def run(engine: LLMEngine) -> None:
+        def run(engine: EngineLike) -> None:
             try:
                 result = fn(engine)
             except BaseException as exc:
@@ -149,32 +176,32 @@ class AsyncEngine:
         self._commands.put(run)
         return await future
 
-    async def generate(
-        self, submit: Callable[[LLMEngine, str], Any], request_id: str | None = None
-    ) -> AsyncIterator[RequestOutput]:
-        """Queue a request with ``submit(engine, request_id)`` (``engine.add_request`` or
-        ``engine.add_turn``) and yield its outputs as they come. Raises ``QueueFullError``,
-        ``EngineStoppedError`` or the engine's ``ValueError`` before the first output."""
+    async def generate(self, request: EngineRequest) -> AsyncIterator[RequestOutput]:
+        """Submit ``request`` and yield its outputs as they come. Raises ``QueueFullError``,
+        ``EngineStoppedError`` or the engine's ``ValueError`` before the first output.
+        Closing the iterator before the request finished aborts it."""
         if not self._accepting:
             raise EngineStoppedError("the server is shutting down and takes no new requests")
-        request_id = request_id or f"req-{next(self._ids)}"
+        request_id = request.request_id
         loop = asyncio.get_running_loop()
         stream = _Stream(loop, asyncio.Queue())
 
-        def add(engine: LLMEngine) -> None:
-            waiting = len(engine.scheduler.waiting)
+        def add(engine: EngineLike) -> None:
+            waiting = engine.handle(GetLoad()).num_waiting
             if waiting >= self.max_waiting:
                 raise QueueFullError(waiting)
             self._streams[request_id] = stream
             try:
-                submit(engine, request_id)
+                engine.handle(AddRequest(request))
             except BaseException:
                 self._streams.pop(request_id, None)
                 raise
 
-        await self.call(add)
+        submitted = False
         finished = False
         try:
+            await self._run_on_engine(add)
+            submitted = True
             while True:
                 item = await stream.queue.get()
                 if isinstance(item, BaseException):
@@ -185,17 +212,20 @@ class AsyncEngine:
                 if finished:
                     return
         finally:
-            if not finished:
+            if not finished and submitted:
                 self.abort(request_id)
 
-    def abort(self, request_id: str) -> None:
+    def abort(self, request_id: str, reason: str = "client") -> None:
         """Abort a request from any thread (a disconnected client); frees its blocks."""
 
-        def run(engine: LLMEngine) -> None:
-            self._streams.pop(request_id, None)
-            engine.abort_request(request_id)
+        def run(engine: EngineLike) -> None:
+            if self._streams.pop(request_id, None) is not None or reason != "client":
+                engine.handle(AbortRequest(request_id, reason))
 
         self._commands.put(run)
+
+    def next_request_id(self, prefix: str = "req") -> str:
+        return f"{prefix}-{next(self._ids)}"
 
     @property
     def num_streams(self) -> int:
@@ -206,16 +236,17 @@ class AsyncEngine:
 
     def shutdown(self, timeout_s: float = 30.0) -> None:
         """Stop taking requests, let those in flight finish, then close the engine (which
-        flushes queued KV copies and closes the store cleanly)."""
+        flushes queued KV copies)."""
         self._accepting = False
         self._stop.set()
         self._thread.join(timeout_s)
         if self._thread.is_alive():
             log.warning("engine still busy after %.0f s; aborting what is left", timeout_s)
 
-            def abort_all(engine: LLMEngine) -> None:
-                for request_id in list(engine.scheduler.requests):
-                    engine.abort_request(request_id)
+            def abort_all(engine: EngineLike) -> None:
+                for request_id in list(self._streams):
+                    engine.handle(AbortRequest(request_id, "shutdown"))
+                    self._deliver(request_id, EngineStoppedError("the server shut down"))
 
             self._commands.put(abort_all)
             self._thread.join(timeout_s)

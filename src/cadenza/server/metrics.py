@@ -17,8 +17,9 @@ servers in one process, as in the tests, do not collide):
   per-step cost.
 
 ``/metrics`` is not behind the API key (Prometheus scrapers rarely carry one; vLLM does the
-same) and exposes only aggregates. Aborted requests (client gone) produce no final output, so
-``request_success_total`` counts finished requests only: ``stop`` and ``length``.
+same) and exposes only aggregates. ``request_success_total`` counts finished requests
+(``stop`` and ``length``); requests aborted before finishing are counted by reason in
+``request_aborted_total``.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.exposition import generate_latest
 from prometheus_client.registry import Collector
 
-from cadenza.engine import LLMEngine
+from cadenza.engine_api import EngineStats, GetStats
 from cadenza.outputs import RequestOutput
 from cadenza.server.errors import APIError
 from cadenza.server.state import ServerState, get_state
@@ -91,37 +92,43 @@ class EngineSnapshot:
     offloaded_blocks: int = 0
     dropped_blocks: int = 0
 
+    aborted: dict[str, int] = field(default_factory=dict)
+    disk_corrupt_blocks: int = 0
+    host_checksum_failures: int = 0
+    import_rejected_chunks: int = 0
+    interrupted_turns: int = 0  # turns a restart found pending (the session layer's count)
+
     @classmethod
-    def take(cls, engine: LLMEngine) -> EngineSnapshot:
-        """Read the engine; call on the engine thread only."""
-        scheduler = engine.scheduler
-        pool = scheduler.kv.pool
-        tiers = engine.tiers
-        stats = tiers.stats
-        host = tiers.host
-        disk = engine.disk
+    def from_stats(cls, stats: EngineStats) -> EngineSnapshot:
+        load = stats.load
+        tiers = stats.tier_stats
+        disk = stats.disk_stats or {}
         return cls(
-            running=len(scheduler.running),
-            waiting=len(scheduler.waiting),
-            device_blocks=pool.num_blocks,
-            device_free_blocks=pool.num_free_blocks,
-            device_cached_blocks=pool.num_cached_blocks,
-            device_usage=pool.usage(),
-            pinned_blocks=tiers.num_pinned(),
-            host_slots=host.num_slots if host is not None else 0,
-            host_used=len(host) if host is not None else 0,
-            disk_capacity_bytes=disk.capacity_bytes if disk is not None else 0,
-            disk_used_bytes=disk.used_bytes if disk is not None else 0,
-            disk_blocks=len(disk) if disk is not None else 0,
-            prefix_queries=scheduler.kv.prefix_queries,
-            prefix_hits=scheduler.kv.prefix_hits,
-            preemptions=scheduler.num_preemptions,
-            swap_in_bytes=stats.swap_in_bytes,
-            swap_out_bytes=stats.swap_out_bytes,
-            disk_write_bytes=stats.disk_write_bytes,
-            fetched_blocks=dict(stats.fetched_blocks),
-            offloaded_blocks=stats.offloaded_blocks,
-            dropped_blocks=stats.dropped_blocks,
+            running=load.num_running,
+            waiting=load.num_waiting,
+            device_blocks=load.device_blocks_total,
+            device_free_blocks=load.device_blocks_free,
+            device_cached_blocks=stats.device_cached_blocks,
+            device_usage=stats.device_usage,
+            pinned_blocks=load.device_blocks_pinned,
+            host_slots=load.host_blocks_total,
+            host_used=load.host_blocks_used,
+            disk_capacity_bytes=stats.disk_capacity_bytes,
+            disk_used_bytes=stats.disk_used_bytes,
+            disk_blocks=load.disk_blocks_used,
+            prefix_queries=stats.prefix_queries,
+            prefix_hits=stats.prefix_hits,
+            preemptions=load.num_preemptions,
+            swap_in_bytes=tiers["swap_in_bytes"],
+            swap_out_bytes=tiers["swap_out_bytes"],
+            disk_write_bytes=tiers["disk_write_bytes"],
+            fetched_blocks=dict(tiers["fetched_blocks"]),
+            offloaded_blocks=tiers["offloaded_blocks"],
+            dropped_blocks=tiers["dropped_blocks"],
+            aborted=dict(stats.num_aborted),
+            disk_corrupt_blocks=disk.get("num_corrupt", 0) + disk.get("num_mismatch", 0),
+            host_checksum_failures=stats.host_checksum_failures,
+            import_rejected_chunks=stats.import_rejected_chunks,
         )
 
 
@@ -260,6 +267,31 @@ class _EngineCollector(Collector):
             "Device blocks evicted with no lower copy (recomputed if needed again).",
             s.dropped_blocks,
         )
+        aborted = CounterMetricFamily(
+            PREFIX + "request_aborted_total",
+            "Requests aborted before they finished, by reason (client: disconnect or cancel;"
+            " error: an engine failure; shutdown).",
+            labels=["model_name", "reason"],
+        )
+        for reason, count in sorted(s.aborted.items()):
+            aborted.add_metric([model, reason], count)
+        yield aborted
+        corrupt = CounterMetricFamily(
+            PREFIX + "kv_corrupt_blocks_total",
+            "KV copies that failed verification and were recomputed instead (disk: checksum or"
+            " header; host: checksum; import: layer chunks of imported KV).",
+            labels=["model_name", "tier"],
+        )
+        corrupt.add_metric([model, "disk"], s.disk_corrupt_blocks)
+        corrupt.add_metric([model, "host"], s.host_checksum_failures)
+        corrupt.add_metric([model, "import"], s.import_rejected_chunks)
+        yield corrupt
+        yield counter(
+            "interrupted_turns_total",
+            "Turns found pending at start-up (the server stopped mid-turn); they were marked"
+            " interrupted and are not part of their session's history.",
+            s.interrupted_turns,
+        )
 
 
 class ServerMetrics:
@@ -326,7 +358,7 @@ class ServerMetrics:
             self._success.labels(model_name, reason)  # present (at 0) from the start
 
     # ------------------------------------------------------------------ engine thread
-    def on_step(self, engine: LLMEngine, outputs: list[RequestOutput], step_s: float) -> None:
+    def on_step(self, outputs: list[RequestOutput], step_s: float) -> None:
         """Record one engine step's outputs (the ``AsyncEngine`` ``on_step`` hook)."""
         self.step_time.observe(step_s)
         for output in outputs:
@@ -376,9 +408,9 @@ def attach_metrics(state: ServerState) -> ServerMetrics:
         state.engine.on_step = metrics.on_step
     else:
 
-        def both(engine: LLMEngine, outputs: list[RequestOutput], step_s: float) -> None:
-            previous(engine, outputs, step_s)
-            metrics.on_step(engine, outputs, step_s)
+        def both(outputs: list[RequestOutput], step_s: float) -> None:
+            previous(outputs, step_s)
+            metrics.on_step(outputs, step_s)
 
         state.engine.on_step = both
     state.extras["metrics"] = metrics
@@ -393,9 +425,9 @@ async def metrics_endpoint(request: Request) -> Response:
         raise APIError(404, "metrics are not enabled on this server")
     snapshot: EngineSnapshot | None = None
     try:
-        snapshot = await asyncio.wait_for(
-            state.engine.call(EngineSnapshot.take), timeout=SNAPSHOT_TIMEOUT_S
-        )
+        stats = await asyncio.wait_for(state.engine.call(GetStats()), timeout=SNAPSHOT_TIMEOUT_S)
+        snapshot = EngineSnapshot.from_stats(stats)
+        snapshot.interrupted_turns = state.sessions.num_interrupted_turns
     except Exception as exc:  # stopping or stuck: report the last snapshot
         log.debug("metrics: engine snapshot unavailable (%s)", exc)
     return Response(metrics.render(snapshot), media_type=CONTENT_TYPE_LATEST)

@@ -13,6 +13,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from cadenza.core.sampling_params import MAX_LOGPROBS, SamplingParams
 
+# OpenAI's default for /v1/completions when max_tokens is absent or null (chat has none).
+DEFAULT_COMPLETION_MAX_TOKENS = 16
+
 
 class _Body(BaseModel):
     model_config = ConfigDict(extra="allow")
@@ -104,13 +107,15 @@ class CompletionRequest(_SamplingFields):
     prompt: str | list[int] | list[str] = Field(
         description="one prompt: text, token ids, or a one-element list of text"
     )
-    max_tokens: int | None = Field(16, ge=1)
+    max_tokens: int | None = Field(DEFAULT_COMPLETION_MAX_TOKENS, ge=1)
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     echo: bool = False
     suffix: str | None = None
 
     def to_sampling_params(self) -> SamplingParams:
-        return self.sampling_params(self.max_tokens, self.logprobs)
+        # null means the default, as absent does: never an unbounded completion.
+        limit = DEFAULT_COMPLETION_MAX_TOKENS if self.max_tokens is None else self.max_tokens
+        return self.sampling_params(limit, self.logprobs)
 
 
 class HintRequest(_Body):

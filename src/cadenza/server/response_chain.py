@@ -1,4 +1,4 @@
-"""Chains of responses as conversation-store sessions (engine-thread code).
+"""Chains of responses as conversation-store sessions.
 
 Every chain lives in a session of the conversation store, whose turns hold the exact token ids
 the model saw, so a continuation's prompt is the stored history plus the template delta of the
@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from cadenza.engine import LLMEngine
+from cadenza.engine_api import EndSession
 from cadenza.server.errors import APIError
 from cadenza.server.response_store import ResponseStore, StoredResponse, new_id
 from cadenza.server.state import ServerState, scoped_session
@@ -71,7 +71,9 @@ def fork_session(
     turns = store.turns(source)
     if len(turns) < depth:
         raise _history_gone(response_id)
-    store.create_session(target, tenant=tenant, metadata={"forked_from": response_id})
+    store.create_session(
+        target, tenant=tenant, metadata={"forked_from": response_id, "api": "responses"}
+    )
     try:
         for turn in turns[:depth]:
             index = store.begin_turn(
@@ -116,9 +118,9 @@ async def release_orphan_session(
     """Delete a chain's session once nothing refers to it any more (no stored response or
     conversation, no response being finalised, no turn in flight): its KV and history go."""
 
-    def collect(engine: LLMEngine) -> None:
-        if store.session_in_use(session_id) or engine.store.pending_turn(session_id):
-            return
-        engine.end_session(session_id, tenant=tenant, delete=True)
-
-    await state.engine.call(collect)
+    sessions = state.sessions
+    if store.session_in_use(session_id) or sessions.store.pending_turn(session_id):
+        return
+    history = tuple(sessions.history(session_id))
+    sessions.store.delete_session(session_id, tenant=tenant)
+    await state.engine.call(EndSession(session_id, history, tenant or None))

@@ -12,28 +12,27 @@ A chat completion runs one of two ways:
 
 from __future__ import annotations
 
-import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from cadenza.core.sampling_params import SamplingParams
-from cadenza.engine import LLMEngine
+from cadenza.engine_api import EngineRequest
 from cadenza.outputs import RequestOutput
 from cadenza.server import openai_format as fmt
 from cadenza.server.chat_prompt import conversation_token_ids
+from cadenza.server.engine_stream import chain, collect, sse_headers, start_stream
 from cadenza.server.errors import APIError
 from cadenza.server.protocol import ChatCompletionRequest, CompletionRequest
 from cadenza.server.state import ServerState, get_state, scoped_session, tenant_of
+from cadenza.session.manager import SessionNamespaceError
 from cadenza.session.store import TenantMismatchError, TurnInProgressError
 
 router = APIRouter()
-
-Submit = Callable[[LLMEngine, str], Any]
 
 
 @router.get("/v1/models")
@@ -47,93 +46,38 @@ async def list_models(request: Request, _: str = Depends(tenant_of)) -> dict[str
     return {"object": "list", "data": data}
 
 
-async def start_stream(
-    state: ServerState, submit: Submit, request_id: str
-) -> tuple[RequestOutput | None, AsyncIterator[RequestOutput]]:
-    """Queue the request and wait for its first output, so that a rejection (bad input, full
-    queue, busy session) becomes an HTTP error before any streaming response has begun."""
-    stream = state.engine.generate(submit, request_id)
-    try:
-        first = await stream.__anext__()
-    except StopAsyncIteration:
-        first = None
-    except TurnInProgressError as exc:
-        raise APIError(409, str(exc), param="session_id", code="session_busy") from None
-    except TenantMismatchError:
-        raise APIError(404, "no such session for this API key", param="session_id") from None
-    return first, stream
-
-
-async def collect(
-    request: Request, first: RequestOutput | None, stream: AsyncIterator[RequestOutput]
-) -> RequestOutput:
-    """The final output; aborts the request if the client disconnects while waiting."""
-    final = first
-    if final is not None and final.finished:
-        return final
-
-    async def drain() -> RequestOutput | None:
-        last = final
-        async for output in stream:
-            last = output
-        return last
-
-    task = asyncio.ensure_future(drain())
-    while not task.done():
-        done, _ = await asyncio.wait({task}, timeout=0.5)
-        if not done and await request.is_disconnected():
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
-            await stream.aclose()  # type: ignore[attr-defined]
-            raise APIError(499, "client disconnected")
-    result = task.result()
-    if result is None:
-        raise RuntimeError("the request ended without output")
-    return result
-
-
-def _session_new_messages(
-    engine: LLMEngine, session_id: str, messages: list[dict[str, Any]], tenant: str
-) -> list[dict[str, Any]]:
-    """Drop the leading messages that repeat the session's stored transcript."""
-    if engine.store.get_session(session_id, tenant=tenant) is None:
-        return messages
-    stored = engine.store.messages(session_id)
-    same = len(stored) <= len(messages) and all(
-        a.get("role") == b.get("role") and a.get("content") == b.get("content")
-        for a, b in zip(stored, messages, strict=False)
-    )
-    new = messages[len(stored) :] if stored and same else messages
-    if not new:
-        raise ValueError("the session already holds every message sent; send a new message")
-    return new
-
-
-def chat_submit(
+def chat_request(
     state: ServerState,
     body: ChatCompletionRequest,
     params: SamplingParams,
     session_id: str | None,
     tenant: str,
-) -> Submit:
+    request_id: str,
+) -> EngineRequest:
+    """The engine request of a chat completion: a session's next turn (begun in the store
+    here), or the whole conversation with this server's replies spliced in as exact ids."""
     messages = [m.as_template_message() for m in body.messages]
+    if session_id is None:
+        prompt = conversation_token_ids(state.sessions.manager, messages, state.memory, tenant)
+        return EngineRequest.of(
+            request_id, prompt, sampling_params=params, cache_salt=tenant or None
+        )
     retention = body.retention.model_dump() if body.retention else None
-    if session_id is not None:
-        sid = scoped_session(tenant, session_id)
-
-        def submit_turn(engine: LLMEngine, request_id: str) -> None:
-            new = _session_new_messages(engine, sid, messages, tenant)
-            engine.add_turn(
-                sid, new, params, request_id=request_id, tenant=tenant, retention=retention
-            )
-
-        return submit_turn
-
-    def submit_plain(engine: LLMEngine, request_id: str) -> None:
-        prompt = conversation_token_ids(engine.sessions, messages, state.memory, tenant)
-        engine.add_request(request_id, prompt, params, cache_salt=tenant or None)
-
-    return submit_plain
+    try:
+        return state.sessions.begin_turn(
+            scoped_session(tenant, session_id),
+            messages,
+            request_id,
+            params,
+            tenant=tenant,
+            retention=retention,
+        )
+    except TurnInProgressError as exc:
+        raise APIError(409, str(exc), param="session_id", code="session_busy") from None
+    except SessionNamespaceError as exc:
+        raise APIError(409, str(exc), param="session_id", code="session_in_use") from None
+    except TenantMismatchError:
+        raise APIError(404, "no such session for this API key", param="session_id") from None
 
 
 @router.post("/v1/chat/completions", response_model=None)
@@ -145,8 +89,8 @@ async def chat_completions(
     params = body.to_sampling_params()
     session_id = request.headers.get("x-session-id") or body.session_id
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
-    submit = chat_submit(state, body, params, session_id, tenant)
-    first, stream = await start_stream(state, submit, request_id)
+    engine_request = chat_request(state, body, params, session_id, tenant, request_id)
+    first, stream = await start_stream(state, engine_request, request)
     top_n = body.top_logprobs or 0
     if not body.stream:
         final = await collect(request, first, stream)
@@ -161,7 +105,7 @@ async def chat_completions(
         )
         sent = 0
         final = None
-        outputs = _chain(first, stream)
+        outputs = chain(first, stream)
         async for output in outputs:
             completion = output.outputs[0]
             logprobs = fmt.chat_logprobs(completion, sent, top_n) if body.logprobs else None
@@ -184,25 +128,7 @@ async def chat_completions(
             yield fmt.sse(chunk)
         yield fmt.sse("[DONE]")
 
-    return StreamingResponse(events(), media_type="text/event-stream", headers=_sse_headers())
-
-
-def _sse_headers() -> dict[str, str]:
-    return {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-
-
-async def _chain(
-    first: RequestOutput | None, stream: AsyncIterator[RequestOutput]
-) -> AsyncIterator[RequestOutput]:
-    try:
-        if first is not None:
-            yield first
-            if first.finished:
-                return
-        async for output in stream:
-            yield output
-    finally:
-        await stream.aclose()  # type: ignore[attr-defined]
+    return StreamingResponse(events(), media_type="text/event-stream", headers=sse_headers())
 
 
 def _remember(state: ServerState, tenant: str, final: RequestOutput) -> None:
@@ -230,11 +156,10 @@ async def completions(
         raise APIError(400, "prompt must not be empty", param="prompt")
     params = body.to_sampling_params()
     request_id = f"cmpl-{uuid.uuid4().hex}"
-
-    def submit(engine: LLMEngine, rid: str) -> None:
-        engine.add_request(rid, prompt, params, cache_salt=tenant or None)
-
-    first, stream = await start_stream(state, submit, request_id)
+    engine_request = EngineRequest.of(
+        request_id, prompt, sampling_params=params, cache_salt=tenant or None
+    )
+    first, stream = await start_stream(state, engine_request, request)
     echo = prompt if body.echo and isinstance(prompt, str) else ""
     if not body.stream:
         final = await collect(request, first, stream)
@@ -248,7 +173,7 @@ async def completions(
         final = None
         if echo:
             yield fmt.sse(_completion_chunk(request_id, body.model, created, echo, None, None))
-        async for output in _chain(first, stream):
+        async for output in chain(first, stream):
             completion = output.outputs[0]
             logprobs = (
                 fmt.completion_logprobs(completion, sent) if body.logprobs is not None else None
@@ -279,7 +204,7 @@ async def completions(
             )
         yield fmt.sse("[DONE]")
 
-    return StreamingResponse(events(), media_type="text/event-stream", headers=_sse_headers())
+    return StreamingResponse(events(), media_type="text/event-stream", headers=sse_headers())
 
 
 def _completion_chunk(

@@ -36,7 +36,6 @@ continuing the same response again is a fork). Errors follow OpenAI: unknown ids
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import itertools
 import time
@@ -50,10 +49,10 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from cadenza.core.sampling_params import SamplingParams
-from cadenza.engine import LLMEngine
+from cadenza.engine_api import EngineRequest
 from cadenza.outputs import RequestOutput
 from cadenza.server import responses_format as fmt
-from cadenza.server.async_engine import AsyncEngine
+from cadenza.server.engine_stream import chain, collect, sse_headers, start_stream
 from cadenza.server.errors import APIError, conversation_not_found
 from cadenza.server.protocol import RetentionBody
 from cadenza.server.response_chain import (
@@ -74,7 +73,6 @@ from cadenza.server.response_store import (
     new_id,
     response_store,
 )
-from cadenza.server.routes_openai import _chain, _sse_headers, collect, start_stream
 from cadenza.server.state import ServerState, get_state, tenant_of
 from cadenza.session.manager import Retention
 from cadenza.session.store import TurnInProgressError
@@ -83,7 +81,10 @@ from cadenza.session.store import TurnInProgressError
 @contextlib.asynccontextmanager
 async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     yield
-    close_response_store(app.state.cadenza)
+    state = app.state.cadenza
+    close_response_store(state)
+    if state.session_layer is not None:
+        state.session_layer.close()
 
 
 router = APIRouter(lifespan=_lifespan)
@@ -191,40 +192,39 @@ class ResponseTurn:
     lease: _Lease = field(init=False)
 
     def __post_init__(self) -> None:
-        self.lease = _Lease(self.state.engine, self.store, self.response_id)
+        self.lease = _Lease(self.state, self.store, self.response_id)
         # A stream that the server never started (client gone before the first byte) runs
         # no ``finally``: letting go of the turn object releases what it held.
         finalizer = weakref.finalize(self, self.lease.release)
         finalizer.atexit = False
 
-    # ------------------------------------------------------------------ engine thread
-    def submit(self, engine: LLMEngine, request_id: str) -> None:
+    # ------------------------------------------------------------------ submission
+    def prepare(self) -> EngineRequest:
+        """The engine request of this response; a stored one begins its session turn."""
+        sessions = self.state.sessions
         if not self.body.store:
-            self._submit_unstored(engine, request_id)
-        elif self.conversation is not None:
-            self._submit_in_conversation(engine, request_id, self.conversation)
-        elif self.previous is not None:
-            session_id, forked = continue_from(engine.store, self.previous, self.tenant)
+            return self._unstored_request()
+        if self.conversation is not None:
+            return self._in_conversation(self.conversation)
+        if self.previous is not None:
+            session_id, forked = continue_from(sessions.store, self.previous, self.tenant)
             try:
-                self._run_turn(engine, request_id, session_id, self.previous.instructions)
+                return self._run_turn(session_id, self.previous.instructions)
             except BaseException:
                 if forked:
-                    engine.store.delete_session(session_id)
+                    sessions.store.delete_session(session_id)
                 raise
-        else:
-            _, session_id = new_chain_session(self.tenant)
-            try:
-                self._run_turn(engine, request_id, session_id, None)
-            except BaseException:
-                engine.store.delete_session(session_id)
-                raise
+        _, session_id = new_chain_session(self.tenant)
+        try:
+            return self._run_turn(session_id, None)
+        except BaseException:
+            sessions.store.delete_session(session_id)
+            raise
 
-    def _submit_in_conversation(
-        self, engine: LLMEngine, request_id: str, conversation: ConversationRecord
-    ) -> None:
+    def _in_conversation(self, conversation: ConversationRecord) -> EngineRequest:
         cid = conversation.conversation_id
         try:
-            claimed = self.store.claim_pending(cid, self.tenant, request_id)
+            claimed = self.store.claim_pending(cid, self.tenant, self.response_id)
         except ConversationBusyError as exc:
             raise APIError(
                 409, str(exc), param="conversation", code="conversation_locked"
@@ -234,15 +234,13 @@ class ResponseTurn:
         self.lease.conversation_id = cid
         try:
             self.input_items = [record.item for record in claimed] + self.new_items
-            self._run_turn(engine, request_id, conversation.session_id, conversation.instructions)
+            return self._run_turn(conversation.session_id, conversation.instructions)
         except BaseException:
-            self.store.release_claim(cid, request_id)
+            self.store.release_claim(cid, self.response_id)
             self.lease.conversation_id = None
             raise
 
-    def _run_turn(
-        self, engine: LLMEngine, request_id: str, session_id: str, in_effect: str | None
-    ) -> None:
+    def _run_turn(self, session_id: str, in_effect: str | None) -> EngineRequest:
         if not self.input_items:
             self.input_items = list(self.new_items)
         if not self.input_items:
@@ -250,15 +248,18 @@ class ResponseTurn:
         messages = [fmt.template_message(item) for item in self.input_items]
         messages, self.instructions = with_instructions(messages, self.body.instructions, in_effect)
         retention = self.body.retention.model_dump() if self.body.retention else None
+        sessions = self.state.sessions
         self.lease.hold(session_id)
         try:
-            engine.add_turn(
+            request = sessions.begin_turn(
                 session_id,
                 messages,
+                self.response_id,
                 self.body.sampling_params(),
-                request_id=request_id,
                 tenant=self.tenant,
                 retention=retention,
+                api="responses",
+                recognise_history=False,
             )
         except TurnInProgressError:
             self.lease.unhold()
@@ -273,10 +274,12 @@ class ResponseTurn:
             self.lease.unhold()
             raise
         self.session_id = session_id
-        record = engine.store.get_session(session_id, tenant=self.tenant)
+        record = sessions.store.get_session(session_id, tenant=self.tenant)
         self.depth = (record.num_turns if record else 0) + 1
+        return request
 
-    def _submit_unstored(self, engine: LLMEngine, request_id: str) -> None:
+    def _unstored_request(self) -> EngineRequest:
+        sessions = self.state.sessions
         session_id, depth, in_effect = None, 0, None
         response_id = self.body.previous_response_id or ""
         if self.previous is not None:
@@ -285,7 +288,7 @@ class ResponseTurn:
         elif self.conversation is not None:
             session_id = self.conversation.session_id
             in_effect = self.conversation.instructions
-            record = engine.store.get_session(session_id, tenant=self.tenant)
+            record = sessions.store.get_session(session_id, tenant=self.tenant)
             depth = record.num_turns if record else 0
             pending = self.store.pending_items(self.conversation.conversation_id)
             self.input_items = [item.item for item in pending]
@@ -295,15 +298,15 @@ class ResponseTurn:
         tokens: list[int] = []
         prior: list[dict[str, Any]] = []
         if session_id is not None and depth:
-            tokens, prior = history_upto(engine.store, session_id, depth, response_id)
+            tokens, prior = history_upto(sessions.store, session_id, depth, response_id)
         messages = [fmt.template_message(item) for item in self.input_items]
         messages, self.instructions = with_instructions(messages, self.body.instructions, in_effect)
-        prompt = tokens + engine.sessions.template_delta(prior, messages, tokens)
+        prompt = tokens + sessions.template_delta(prior, messages, tokens)
         keep = Retention.parse(self.body.retention.model_dump() if self.body.retention else None)
-        engine.add_request(
-            request_id,
+        return EngineRequest.of(
+            self.response_id,
             prompt,
-            self.body.sampling_params(),
+            sampling_params=self.body.sampling_params(),
             cache_salt=self.tenant or None,
             retention_ttl_s=keep.ttl_s if keep else 0.0,
         )
@@ -368,7 +371,7 @@ class _Lease:
     conversation's claim, and a hold on its session against garbage collection. Settled
     once; synchronous, so that it also works in cancelled tasks and in a finalizer."""
 
-    engine: AsyncEngine
+    state: ServerState
     store: ResponseStore
     request_id: str
     conversation_id: str | None = None  # claimed conversation
@@ -394,8 +397,9 @@ class _Lease:
         if self.settled:
             return
         self.settled = True
-        self.engine.abort(self.request_id)
+        self.state.engine.abort(self.request_id)
         with contextlib.suppress(RuntimeError):  # the store closed (server stopped)
+            self.state.sessions.abort(self.request_id)  # the turn, if still pending
             if self.conversation_id is not None:
                 self.store.release_claim(self.conversation_id, self.request_id)
                 self.conversation_id = None
@@ -404,36 +408,32 @@ class _Lease:
                 self._collect_garbage(session_id)
 
     def _collect_garbage(self, session_id: str) -> None:
-        store = self.store
-
-        def collect(engine: LLMEngine) -> None:
-            if store.session_in_use(session_id) or engine.store.pending_turn(session_id):
-                return
-            engine.store.delete_session(session_id)
-
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:  # no loop to queue it from: the session stays, unreferenced
+        """Delete the session if nothing refers to it any more."""
+        store, sessions = self.store, self.state.sessions
+        if store.session_in_use(session_id) or sessions.store.pending_turn(session_id):
             return
-        # Queued after the abort above, so the turn is no longer pending by then.
-        task = loop.create_task(self.engine.call(collect))
-        _background.add(task)
-        task.add_done_callback(_forget)
+        sessions.store.delete_session(session_id)
 
 
-_background: set[asyncio.Task[Any]] = set()
-
-
-def _forget(task: asyncio.Task[Any]) -> None:
-    _background.discard(task)
-    if not task.cancelled():
-        task.exception()  # retrieved: a failed clean-up (engine stopping) is not an error
-
-
-def _not_found(response_id: str) -> APIError:
+def _not_found(response_id: str, state: ServerState | None = None) -> APIError:
+    turn = state.sessions.store.turn_of_request(response_id) if state is not None else None
+    if turn is not None and turn.status in ("interrupted", "aborted"):
+        why = (
+            "was interrupted by a server restart before it finished"
+            if turn.status == "interrupted"
+            else "was aborted before it finished (its client left, or generation failed)"
+        )
+        return APIError(
+            404,
+            f"response {response_id!r} {why}, so it was not stored; its input is not part of"
+            " the conversation: send the request again",
+            param="response_id",
+            code="response_not_found",
+        )
     return APIError(
         404,
-        f"response {response_id!r} not found (responses created with store=false are not kept)",
+        f"response {response_id!r} not found (it never existed, was deleted, or was created"
+        " with store=false, which is not kept)",
         param="response_id",
         code="response_not_found",
     )
@@ -465,7 +465,7 @@ async def create_response(
     elif not turn.new_items:
         raise APIError(400, "input is required", param="input")
     try:
-        first, stream = await start_stream(state, turn.submit, turn.response_id)
+        first, stream = await start_stream(state, turn.prepare(), request)
     except BaseException:
         turn.discard()
         raise
@@ -475,7 +475,7 @@ async def create_response(
         finally:
             turn.discard()  # a no-op once the response is stored
     return StreamingResponse(
-        _events(turn, first, stream), media_type="text/event-stream", headers=_sse_headers()
+        _events(turn, first, stream), media_type="text/event-stream", headers=sse_headers()
     )
 
 
@@ -498,7 +498,7 @@ async def _events(
         yield event("response.content_part.added", **where, part=fmt.output_text_part(""))
         final = None
         try:
-            async for output in _chain(first, stream):
+            async for output in chain(first, stream):
                 delta = output.outputs[0].delta_text
                 if delta:
                     yield event("response.output_text.delta", **where, delta=delta, logprobs=[])
@@ -529,7 +529,7 @@ async def retrieve_response(
 ) -> dict[str, Any]:
     record = response_store(get_state(request)).get_response(response_id, tenant)
     if record is None:
-        raise _not_found(response_id)
+        raise _not_found(response_id, get_state(request))
     return record.body
 
 
@@ -543,7 +543,7 @@ async def delete_response(
     store = response_store(state)
     session_id = store.delete_response(response_id, tenant)
     if session_id is None:
-        raise _not_found(response_id)
+        raise _not_found(response_id, get_state(request))
     if session_id:
         await release_orphan_session(state, store, session_id, tenant)
     return {"id": response_id, "object": "response.deleted", "deleted": True}
@@ -560,7 +560,7 @@ async def list_input_items(
 ) -> dict[str, Any]:
     record = response_store(get_state(request)).get_response(response_id, tenant)
     if record is None:
-        raise _not_found(response_id)
+        raise _not_found(response_id, get_state(request))
     items = list(record.input_items)
     if order == "desc":
         items.reverse()

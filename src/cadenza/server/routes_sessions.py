@@ -6,17 +6,29 @@ from typing import Any
 
 from fastapi import APIRouter, Depends, Request
 
-from cadenza.engine import LLMEngine
+from cadenza.engine_api import EndSession, HintSession
 from cadenza.server.errors import APIError
 from cadenza.server.protocol import HintRequest
-from cadenza.server.state import get_state, scoped_session, tenant_of
-from cadenza.session.store import TenantMismatchError
+from cadenza.server.state import ServerState, get_state, scoped_session, tenant_of
+from cadenza.session.store import SessionRecord, TenantMismatchError
 
 router = APIRouter()
 
 
 def _not_found(session_id: str) -> APIError:
     return APIError(404, f"session {session_id!r} does not exist", param="session_id")
+
+
+def _owned(state: ServerState, tenant: str, session_id: str) -> SessionRecord:
+    """The caller's session record; 404 if there is none."""
+    sid = scoped_session(tenant, session_id)
+    try:
+        record = state.sessions.store.get_session(sid, tenant=tenant)
+    except TenantMismatchError:
+        record = None
+    if record is None:
+        raise _not_found(session_id)
+    return record
 
 
 @router.post("/v1/sessions/{session_id}/hint")
@@ -26,15 +38,22 @@ async def hint_session(
     """The session's next turn is coming (in ``expected_arrival_s``): move its KV towards the
     device now and keep it there (pinned, softly) until then, or for ``ttl_s``."""
 
-    def run(engine: LLMEngine) -> dict[str, int]:
-        sid = scoped_session(tenant, session_id)
-        return engine.hint(sid, body.expected_arrival_s, tenant=tenant, ttl_s=body.ttl_s)
-
-    try:
-        found = await get_state(request).engine.call(run)
-    except (KeyError, TenantMismatchError):
-        raise _not_found(session_id) from None
-    return {"session_id": session_id, "object": "session.hint", "blocks_by_tier": found}
+    state = get_state(request)
+    sid = _owned(state, tenant, session_id).session_id
+    result = await state.engine.call(
+        HintSession(
+            sid,
+            tuple(state.sessions.history(sid)),
+            cache_salt=tenant or None,
+            expected_arrival_s=body.expected_arrival_s,
+            ttl_s=body.ttl_s,
+        )
+    )
+    return {
+        "session_id": session_id,
+        "object": "session.hint",
+        "blocks_by_tier": result.blocks_by_tier,
+    }
 
 
 @router.delete("/v1/sessions/{session_id}")
@@ -44,16 +63,20 @@ async def end_session(
     """The session is over: its KV is unpinned and becomes ordinary evictable cache. With
     ``?purge=true`` its stored history is deleted too."""
 
-    def run(engine: LLMEngine) -> bool:
-        sid = scoped_session(tenant, session_id)
-        return engine.end_session(sid, tenant=tenant, delete=purge)
-
-    try:
-        ended = await get_state(request).engine.call(run)
-    except TenantMismatchError:
-        ended = False
-    if not ended:
-        raise _not_found(session_id)
+    state = get_state(request)
+    record = _owned(state, tenant, session_id)
+    sid = record.session_id
+    if purge and record.metadata.get("api", "chat") != "chat":
+        raise APIError(
+            409,
+            f"session {session_id!r} holds a Responses chain or conversation; delete those"
+            " through their own API",
+            param="session_id",
+            code="session_in_use",
+        )
+    await state.engine.call(EndSession(sid, tuple(state.sessions.history(sid)), tenant or None))
+    if purge:
+        state.sessions.store.delete_session(sid, tenant=tenant)
     return {
         "id": session_id,
         "object": "session.deleted" if purge else "session.ended",
@@ -65,24 +88,14 @@ async def end_session(
 async def get_session(
     session_id: str, request: Request, tenant: str = Depends(tenant_of)
 ) -> dict[str, Any]:
-    def run(engine: LLMEngine) -> dict[str, Any] | None:
-        sid = scoped_session(tenant, session_id)
-        record = engine.store.get_session(sid, tenant=tenant)
-        if record is None:
-            return None
-        return {
-            "id": session_id,
-            "object": "session",
-            "created_at": int(record.created_at),
-            "num_turns": record.num_turns,
-            "num_tokens": record.num_tokens,
-            "messages": engine.store.messages(sid),
-        }
-
-    try:
-        found = await get_state(request).engine.call(run)
-    except TenantMismatchError:
-        found = None
-    if found is None:
-        raise _not_found(session_id)
-    return found
+    state = get_state(request)
+    record = _owned(state, tenant, session_id)
+    sid = record.session_id
+    return {
+        "id": session_id,
+        "object": "session",
+        "created_at": int(record.created_at),
+        "num_turns": record.num_turns,
+        "num_tokens": record.num_tokens,
+        "messages": state.sessions.store.messages(sid),
+    }

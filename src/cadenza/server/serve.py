@@ -3,6 +3,10 @@
 Defaults make a single machine stateful out of the box: a host KV tier, a disk KV tier and the
 conversation store under ``--data-dir``, so conversations (and stored responses) survive a
 restart and come back with their KV from disk.
+
+Start-up order: check the flags, bind the port (a port in use fails at once, not after the
+model has loaded), load the engine, then serve; "serving on" is printed once uvicorn accepts
+connections on the port.
 """
 
 from __future__ import annotations
@@ -11,58 +15,121 @@ import argparse
 import logging
 import os
 import signal
+import socket
+import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from cadenza.config_args import engine_config_from_args
+
+if TYPE_CHECKING:
+    import uvicorn
+
+    from cadenza.config import EngineConfig
 
 DEFAULT_DATA_DIR = Path(os.environ.get("XDG_DATA_HOME", Path.home() / ".local/share")) / "cadenza"
 _LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1"}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=8000)
-    parser.add_argument(
+    server = parser.add_argument_group("server")
+    server.add_argument(
+        "--host", default="127.0.0.1", help="address to listen on (default: %(default)s)"
+    )
+    server.add_argument(
+        "--port", type=int, default=8000, help="TCP port to listen on (default: %(default)s)"
+    )
+    server.add_argument(
         "--api-key",
         action="append",
         default=[],
         help="a Bearer key; repeat for several tenants (each key is its own cache namespace). "
         "Also read from CADENZA_API_KEYS (comma-separated).",
     )
-    parser.add_argument("--served-model-name", default=None)
-    parser.add_argument(
+    server.add_argument(
+        "--served-model-name",
+        default=None,
+        help="the model name clients send and see (default: the --model value)",
+    )
+    server.add_argument(
         "--data-dir",
         default=str(DEFAULT_DATA_DIR),
-        help="where the store and the disk KV tier live by default",
+        help="where the store and the disk KV tier live by default (default: %(default)s)",
     )
-    parser.add_argument(
+    server.add_argument(
         "--max-queued-requests",
         type=int,
         default=256,
-        help="waiting requests beyond this get 429 with Retry-After",
+        help="waiting requests beyond this get 429 with Retry-After (default: %(default)s)",
     )
-    parser.add_argument("--max-body-mib", type=float, default=4.0)
-    parser.add_argument("--log-level", default="info")
+    server.add_argument(
+        "--max-body-mib",
+        type=float,
+        default=4.0,
+        help="largest request body in MiB; a larger one gets 413 (default: %(default)s)",
+    )
+    server.add_argument(
+        "--log-level",
+        default="info",
+        choices=["critical", "error", "warning", "info", "debug"],
+        help="log level of the server and uvicorn (default: %(default)s)",
+    )
     parser.set_defaults(kv_host_gib=2.0, kv_disk_gib=8.0)
 
 
-def engine_factory(args: argparse.Namespace) -> Callable[[], Any]:
-    """Builds the engine on the engine thread (it owns the model and the store)."""
-    from cadenza.cli import _build_llm
-
+def engine_config(args: argparse.Namespace) -> EngineConfig:
+    """The engine config of the flags; the store and the disk KV tier default to files under
+    ``--data-dir``."""
     data = Path(args.data_dir).expanduser()
-    if args.session_store is None:
+    overrides: dict[str, Any] = {}
+    if args.session_store_path is None:
         data.mkdir(parents=True, exist_ok=True)
-        args.session_store = str(data / "store.sqlite")
+        overrides["session_store_path"] = str(data / "store.sqlite")
     if args.kv_disk_gib > 0 and args.kv_disk_path is None:
-        args.kv_disk_path = str(data / "kv")
-    return lambda: _build_llm(args).engine
+        overrides["kv_disk_path"] = str(data / "kv")
+    return engine_config_from_args(args, **overrides)
 
 
 def api_keys(args: argparse.Namespace) -> list[str]:
     keys = list(args.api_key)
     keys += [k.strip() for k in os.environ.get("CADENZA_API_KEYS", "").split(",") if k.strip()]
     return keys
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to ``host:port``, not yet listening: binding reserves the port (a
+    second server fails here), while clients are refused until uvicorn listens on it."""
+    family, kind, proto, _, address = socket.getaddrinfo(
+        host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    )[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        # As uvicorn does: a restart may rebind while old connections sit in TIME_WAIT.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def _url(host: str, port: int) -> str:
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+def _server(config: uvicorn.Config, on_started: Callable[[], None]) -> uvicorn.Server:
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        """uvicorn's server, calling ``on_started`` once it accepts connections."""
+
+        async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+            await super().startup(sockets=sockets)
+            if self.started:
+                on_started()
+
+    return Server(config)
 
 
 def _exit_cleanly(signum: int, frame: Any) -> None:
@@ -72,40 +139,56 @@ def _exit_cleanly(signum: int, frame: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from cadenza.engine import LLMEngine
     from cadenza.server.app import build_app
     from cadenza.server.async_engine import AsyncEngine
     from cadenza.server.metrics import ServerMetrics
     from cadenza.server.state import ServerState
 
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
-    keys = api_keys(args)
-    if not keys and args.host not in _LOCAL_HOSTS:
-        logging.warning(
-            "serving on %s without --api-key: anyone who can reach it can use it", args.host
+    config = engine_config(args)
+    try:
+        sock = bind_socket(args.host, args.port)
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        print(
+            f"cadenza: error: cannot listen on {_url(args.host, args.port)} "
+            f"(port {args.port}): {reason}",
+            file=sys.stderr,
         )
-    name = args.served_model_name or args.model
-    metrics = ServerMetrics(name)
-    engine = AsyncEngine(
-        engine_factory(args), max_waiting=args.max_queued_requests, on_step=metrics.on_step
-    )
-    state = ServerState.with_keys(
-        engine,
-        name,
-        keys,
-        aliases=frozenset({args.model, name}),
-        max_body_bytes=int(args.max_body_mib * 2**20),
-    )
-    state.extras["metrics"] = metrics
-    app = build_app(state)
-    print(f"cadenza: serving {name} on http://{args.host}:{args.port}/v1", flush=True)
+        return 1
     # uvicorn drains on SIGTERM, then re-raises the signal, which would end the process with
-    # status -15 after a clean shutdown; SIGTERM is how services are stopped, so exit 0.
+    # status -15 after a clean shutdown; SIGTERM is how services are stopped, so exit 0 (also
+    # while the model is still loading).
     signal.signal(signal.SIGTERM, _exit_cleanly)
-    uvicorn.run(
-        app,
-        host=args.host,
-        port=args.port,
-        log_level=args.log_level,
-        timeout_graceful_shutdown=30,
-    )
+    with sock:
+        keys = api_keys(args)
+        if not keys and args.host not in _LOCAL_HOSTS:
+            logging.warning(
+                "serving on %s without --api-key: anyone who can reach it can use it", args.host
+            )
+        name = args.served_model_name or args.model
+        metrics = ServerMetrics(name)
+        engine = AsyncEngine(
+            lambda: LLMEngine(config),
+            max_waiting=args.max_queued_requests,
+            on_step=metrics.on_step,
+        )
+        state = ServerState.with_keys(
+            engine,
+            name,
+            keys,
+            aliases=frozenset({args.model, name}),
+            max_body_bytes=int(args.max_body_mib * 2**20),
+        )
+        state.extras["metrics"] = metrics
+        url = _url(args.host, sock.getsockname()[1])
+
+        def announce() -> None:
+            print(f"cadenza: serving {name} on {url}/v1", flush=True)
+
+        server_config = uvicorn.Config(
+            build_app(state), log_level=args.log_level, timeout_graceful_shutdown=30
+        )
+        _server(server_config, announce).run(sockets=[sock])
     return 0

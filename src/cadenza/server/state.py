@@ -1,4 +1,5 @@
-"""What every route needs: the engine, the served model's names, tenants, remembered replies."""
+"""What every route needs: the engine, the session layer, the served model's names, tenants,
+remembered replies."""
 
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ from fastapi import Request
 from cadenza.server.async_engine import AsyncEngine
 from cadenza.server.chat_prompt import GenerationMemory
 from cadenza.server.errors import APIError
+from cadenza.session.layer import SessionLayer
+from cadenza.session.store import ConversationStore
 
 
 def tenant_name(api_key: str) -> str:
@@ -29,6 +32,16 @@ class ServerState:
     max_body_bytes: int = 4 << 20
     created: int = field(default_factory=lambda: int(time.time()))
     extras: dict[str, Any] = field(default_factory=dict)  # optional components (metrics, ...)
+    # The durable history above the engine (opened on first use on the engine's store file).
+    session_layer: SessionLayer | None = None
+
+    @property
+    def sessions(self) -> SessionLayer:
+        """The conversation store and turns in flight; used on the event loop only."""
+        if self.session_layer is None:
+            path = self.engine.config.session_store_path or ":memory:"
+            self.session_layer = SessionLayer(ConversationStore(path), self.engine.tokenizer)
+        return self.session_layer
 
     @classmethod
     def with_keys(cls, engine: AsyncEngine, model_name: str, keys: list[str], **kw: Any):

@@ -54,6 +54,11 @@ class TurnPlan:
     input_token_ids: list[int]  # the delta this turn adds before generating
 
 
+class SessionNamespaceError(ValueError):
+    """The session id belongs to another API (a Responses chain or conversation is never
+    continued through chat completions, and vice versa)."""
+
+
 class SessionManager:
     def __init__(self, store: ConversationStore, tokenizer: Tokenizer | None) -> None:
         self.store = store
@@ -71,11 +76,12 @@ class SessionManager:
         request_id: str,
         *,
         tenant: str = "",
+        api: str = "chat",
     ) -> TurnPlan:
         """Record the turn as pending and return the sequence to run."""
         if not new_messages:
             raise ValueError("a turn needs at least one new message")
-        self.store.get_or_create_session(session_id, tenant=tenant)
+        self._open(session_id, tenant, api)
         history = self.store.history_token_ids(session_id)
         prior = self.store.messages(session_id)
         delta = self.template_delta(prior, list(new_messages), history)
@@ -83,14 +89,29 @@ class SessionManager:
         return TurnPlan(session_id, index, request_id, history + delta, len(history), delta)
 
     def begin_raw_turn(
-        self, session_id: str, input_token_ids: Sequence[int], request_id: str, *, tenant: str = ""
+        self,
+        session_id: str,
+        input_token_ids: Sequence[int],
+        request_id: str,
+        *,
+        tenant: str = "",
+        api: str = "chat",
     ) -> TurnPlan:
         """A turn given as token ids to append (completions-style sessions)."""
-        self.store.get_or_create_session(session_id, tenant=tenant)
+        self._open(session_id, tenant, api)
         history = self.store.history_token_ids(session_id)
         delta = [int(t) for t in input_token_ids]
         index = self.store.begin_turn(session_id, request_id, delta, [])
         return TurnPlan(session_id, index, request_id, history + delta, len(history), delta)
+
+    def _open(self, session_id: str, tenant: str, api: str) -> None:
+        record = self.store.get_or_create_session(session_id, tenant=tenant, metadata={"api": api})
+        owner = record.metadata.get("api", "chat")
+        if owner != api:
+            raise SessionNamespaceError(
+                f"session {session_id.rpartition(':')[2]!r} belongs to the {owner} API and cannot"
+                f" be continued through {api}; use another session id"
+            )
 
     def complete_turn(
         self, plan: TurnPlan, output_token_ids: Sequence[int], text: str, finish_reason: str | None

@@ -480,6 +480,16 @@ class ConversationStore(SqliteDatabase):
             ).fetchone()
         return None if row is None else _turn_from_row(row)
 
+    def turn_of_request(self, request_id: str) -> TurnRecord | None:
+        """The turn a request id ran as (the latest, if the id was reused), if any."""
+        with self._read() as conn:
+            row = conn.execute(
+                f"SELECT {_TURN_COLUMNS} FROM turns WHERE request_id = ?"
+                " ORDER BY started_at DESC LIMIT 1",
+                (request_id,),
+            ).fetchone()
+        return None if row is None else _turn_from_row(row)
+
     def pending_turn(self, session_id: str) -> TurnRecord | None:
         with self._read() as conn:
             row = conn.execute(

@@ -1,0 +1,168 @@
+"""Installing another engine's exported KV as cached prefix blocks (torch-free bookkeeping).
+
+An import is verified before anything becomes visible:
+
+1. ``begin`` checks the layout (model fingerprint, block size, dtype, geometry) and the key
+   chain: each block's key must be the chained hash of its parent key and its token ids,
+   starting from this engine's seed for the export's cache salt. The chain is cut at the first
+   block that fails. Blocks already cached on the device are reused; the rest get fresh device
+   blocks (held by the import, not yet findable) while free space above the admission reserve
+   lasts; past that the chain is cut too, since a prefix cache cannot use a block whose
+   predecessor is missing.
+2. ``accept_chunk`` verifies each layer chunk's checksum; a mismatch is counted and cuts the
+   chain at the chunk's first block (its blocks are never installed). The caller writes the
+   accepted chunk's bytes into the returned device blocks.
+3. ``commit`` registers the surviving blocks in the content index — only once every layer of
+   them has been written — and pins them for a grace period so the turn they were moved for
+   finds them. ``abort`` releases everything.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from cadenza.core.block_pool import BlockPool, KVBlock
+from cadenza.core.hashing import hash_block, hash_seed
+from cadenza.core.tiering import TierManager
+from cadenza.kvstore.kv_export import GROUP_BLOCKS, ExportedBlock, KVLayout, LayerChunk
+
+
+class ImportRejected(ValueError):
+    """The export cannot be imported here at all (another model, block size or geometry)."""
+
+
+@dataclass
+class ImportPlan:
+    layout: KVLayout
+    blocks: list[ExportedBlock]  # the verified chain, possibly cut short later
+    targets: dict[int, KVBlock]  # index in ``blocks`` -> fresh device block to write
+    reused: int  # leading blocks already cached on this device
+    rejected_blocks: int = 0
+    rejected_chunks: int = 0
+    held: list[KVBlock] = field(default_factory=list)  # cached chain blocks kept meanwhile
+    layers_written: set[int] = field(default_factory=set)
+
+    def cut(self, at: int, pool: BlockPool) -> None:
+        """Keep only blocks ``[0, at)``; release the device blocks allocated past it."""
+        if at >= len(self.blocks):
+            return
+        self.rejected_blocks += len(self.blocks) - at
+        dropped = [b for i, b in self.targets.items() if i >= at]
+        self.targets = {i: b for i, b in self.targets.items() if i < at}
+        pool.free(dropped, accessed=False)
+        self.blocks = self.blocks[:at]
+
+
+class KVImporter:
+    def __init__(
+        self,
+        pool: BlockPool,
+        tiers: TierManager,
+        layout: KVLayout,
+        *,
+        reserve_blocks: int,
+        clock: Callable[[], float],
+        pin_s: float,
+    ) -> None:
+        self.pool = pool
+        self.tiers = tiers
+        self.layout = layout  # this engine's (the fingerprint and salt are checked per export)
+        self.reserve_blocks = reserve_blocks
+        self.clock = clock
+        self.pin_s = pin_s
+        self.rejected_chunks = 0
+        self.rejected_blocks = 0
+
+    def begin(self, layout: KVLayout, blocks: list[ExportedBlock]) -> ImportPlan:
+        mine = self.layout
+        for name in ("fingerprint", "block_size", "dtype", "num_layers", "num_kv_heads"):
+            if getattr(layout, name) != getattr(mine, name):
+                raise ImportRejected(
+                    f"the export's {name} is {getattr(layout, name)!r} but this engine's is "
+                    f"{getattr(mine, name)!r}"
+                )
+        if layout.head_dim != mine.head_dim:
+            raise ImportRejected("the export's head_dim does not match this engine's")
+        chain = self._verified_chain(layout, blocks)
+        plan = ImportPlan(layout, chain, {}, 0, rejected_blocks=len(blocks) - len(chain))
+        cached = [self.pool.lookup(b.key, b.parent, b.token_ids) for b in chain]
+        # Hold the chain's cached blocks: allocating fresh ones below may evict cached blocks.
+        plan.held = [b for b in cached if b is not None]
+        self.pool.touch(plan.held)
+        room = self.pool.num_free_blocks - self.reserve_blocks
+        for i, block in enumerate(cached):
+            if block is not None:
+                plan.reused += plan.reused == i
+                continue
+            if len(plan.targets) >= room:
+                plan.cut(i, self.pool)
+                break
+            plan.targets[i] = None  # type: ignore[assignment]  # allocated below
+        wanted = sorted(plan.targets)
+        fresh = self.pool.allocate(len(wanted)) if wanted else []
+        plan.targets = dict(zip(wanted, fresh, strict=True))
+        self.rejected_blocks += plan.rejected_blocks
+        return plan
+
+    def _verified_chain(self, layout: KVLayout, blocks: list[ExportedBlock]) -> list[ExportedBlock]:
+        parent = hash_seed(layout.fingerprint, layout.cache_salt)
+        chain: list[ExportedBlock] = []
+        for i, block in enumerate(blocks):
+            ok = (
+                len(block.token_ids) == layout.block_size
+                and block.parent == parent
+                and block.position == i * layout.block_size
+                and hash_block(parent, block.token_ids) == block.key
+            )
+            if not ok:
+                break
+            chain.append(block)
+            parent = block.key
+        return chain
+
+    def accept_chunk(self, plan: ImportPlan, chunk: LayerChunk) -> list[tuple[int, int]]:
+        """Verify one chunk; returns ``(index in chunk, device block id)`` pairs to write
+        (empty when the chunk is rejected or covers no block that needs writing)."""
+        start = chunk.group * GROUP_BLOCKS
+        if start >= len(plan.blocks):
+            return []
+        expected = min(GROUP_BLOCKS, len(plan.blocks) - start) * self.layout.block_layer_bytes
+        if not chunk.verify() or len(chunk.k) < expected or len(chunk.v) < expected:
+            plan.rejected_chunks += 1
+            self.rejected_chunks += 1
+            before = plan.rejected_blocks
+            plan.cut(start, self.pool)
+            self.rejected_blocks += plan.rejected_blocks - before
+            return []
+        return [
+            (i - start, plan.targets[i].block_id)
+            for i in range(start, min(start + GROUP_BLOCKS, len(plan.blocks)))
+            if i in plan.targets
+        ]
+
+    def layer_done(self, plan: ImportPlan, layer: int) -> None:
+        plan.layers_written.add(layer)
+
+    def commit(self, plan: ImportPlan) -> list[KVBlock]:
+        """Make the written blocks findable (every layer must be in), pin them, let go."""
+        missing = set(range(self.layout.num_layers)) - plan.layers_written
+        if missing and plan.targets:
+            self.abort(plan)
+            raise ValueError(f"import incomplete: layers {sorted(missing)} were never written")
+        installed: list[KVBlock] = []
+        for i, block in sorted(plan.targets.items()):
+            meta = plan.blocks[i]
+            if self.pool.register(block, meta.key, meta.parent, meta.token_ids, meta.position):
+                block.num_tokens = len(meta.token_ids)
+                installed.append(block)
+        self.pool.free(list(plan.targets.values()))
+        self.pool.free(plan.held)
+        self.tiers.pin(installed + plan.held, self.clock() + self.pin_s)
+        plan.targets, plan.held = {}, []
+        return installed
+
+    def abort(self, plan: ImportPlan) -> None:
+        self.pool.free(list(plan.targets.values()), accessed=False)
+        self.pool.free(plan.held, accessed=False)
+        plan.targets, plan.held = {}, []
