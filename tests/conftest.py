@@ -16,13 +16,13 @@ from cadenza.bench.sharegpt_source import (
     ShareGPTSource,
     default_sharegpt_path,
     package_installed,
-    synthetic_sharegpt_records,
     write_sharegpt_jsonl,
 )
+from cadenza.bench.sharegpt_synthetic import synthetic_sharegpt_records
 from cadenza.config import ModelConfig, RopeScaling
 
 # Bump when the synthetic generator changes, so a stale cached copy is not reused.
-_SYNTHETIC_VERSION = 1
+_SYNTHETIC_VERSION = 3
 
 
 def _sharegpt_sample() -> Path:
@@ -49,6 +49,20 @@ def _sharegpt_sample() -> Path:
 
 
 SHAREGPT_SAMPLE = _sharegpt_sample()
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _hermetic_cache_dir(tmp_path_factory):
+    """Engines cache measured cost profiles under $XDG_CACHE_HOME; tests use their own."""
+    import os
+
+    previous = os.environ.get("XDG_CACHE_HOME")
+    os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("xdg-cache"))
+    yield
+    if previous is None:
+        os.environ.pop("XDG_CACHE_HOME", None)
+    else:
+        os.environ["XDG_CACHE_HOME"] = previous
 
 TINY_LLAMA = ModelConfig(
     architecture="llama",

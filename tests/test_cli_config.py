@@ -76,21 +76,10 @@ def missing_help(parser: argparse.ArgumentParser) -> list[str]:
     ]
 
 
-# The bench subcommands' flags come from cadenza/bench/*.py, which lack help texts for now.
-_BENCH = {f"cadenza bench {name}" for name in ("engine", "replay", "tiers", "serve")}
 _COMMANDS = [path for path, _ in subparsers(build_parser())]
 
 
-@pytest.mark.parametrize(
-    "command",
-    [
-        pytest.param(
-            c,
-            marks=pytest.mark.xfail(c in _BENCH, reason="bench flags without help", strict=True),
-        )
-        for c in _COMMANDS
-    ],
-)
+@pytest.mark.parametrize("command", _COMMANDS)
 def test_every_flag_has_help(command: str):
     parser = dict(subparsers(build_parser()))[command]
     assert missing_help(parser) == []

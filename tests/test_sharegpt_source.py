@@ -19,10 +19,10 @@ from cadenza.bench.sharegpt_source import (
     PACKAGE,
     ShareGPTSource,
     resolve_sharegpt_source,
-    synthetic_sharegpt_records,
     v3_conversations,
     write_sharegpt_jsonl,
 )
+from cadenza.bench.sharegpt_synthetic import synthetic_sharegpt_records
 from cadenza.bench.workloads import Turn, load_sharegpt
 
 

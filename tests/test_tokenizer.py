@@ -15,8 +15,7 @@ from cadenza.model.tokenizer import CHATML_TEMPLATE, Tokenizer
 gguf = pytest.importorskip("gguf")
 transformers = pytest.importorskip("transformers")
 
-SHAREGPT = Path(__file__).resolve().parents[1] / "../shared/data/sharegpt"
-SHAREGPT_SAMPLE = SHAREGPT / "sharegpt_multiturn_sample500.jsonl.gz"
+from tests.conftest import SHAREGPT_SAMPLE  # noqa: E402 - after the importorskips
 
 TEXTS = [
     "Hello, world!",
@@ -132,7 +131,7 @@ def reference_llama_cpp(reference):
 
 def test_sharegpt_texts_included() -> None:
     if not SHAREGPT_SAMPLE.is_file():
-        pytest.skip("no ShareGPT sample in ../shared/data")
+        pytest.skip("no ShareGPT sample")
     assert len(ALL_TEXTS) >= len(TEXTS) + 10
 
 

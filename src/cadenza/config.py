@@ -221,6 +221,11 @@ class EngineConfig:
         "recompute cost profile for cost-aware eviction: profile measures this engine at "
         "start; linear uses a fixed shape (fast start)",
     )
+    profile_cache_dir: str | None = knob(
+        None,
+        "where the measured cost profile is cached per model and machine, so later starts skip "
+        "profiling (unset: $XDG_CACHE_HOME/cadenza or ~/.cache/cadenza; 'none' disables)",
+    )
 
     @classmethod
     def from_options(cls, **options: Any) -> EngineConfig:

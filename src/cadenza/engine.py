@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict
@@ -19,7 +20,7 @@ from typing import Any
 
 from cadenza.config import EngineConfig
 from cadenza.core.engine_core import HINT_GRACE_S, EngineCore, LoadSnapshot
-from cadenza.core.eviction import CostModel, cost_model_from, profile_points
+from cadenza.core.eviction import CostModel
 from cadenza.core.kv_events import KVEvent
 from cadenza.core.kv_import import KVImporter
 from cadenza.core.request import RequestStatus
@@ -48,8 +49,9 @@ from cadenza.kvstore.swap_engine import SwapEngine
 from cadenza.model.source import ModelSource, load_model_source
 from cadenza.output_processor import OutputProcessor
 from cadenza.outputs import RequestOutput
+from cadenza.runner.cost_profile_cache import load_or_profile_cost_model
 from cadenza.runner.kv_io import DTYPE_NAMES, cut_chunks, gather_blocks, write_chunk
-from cadenza.runner.model_runner import ModelRunner, profile_chunk_costs
+from cadenza.runner.model_runner import ModelRunner
 
 log = logging.getLogger("cadenza.engine")
 
@@ -57,14 +59,24 @@ log = logging.getLogger("cadenza.engine")
 _DISK_HEADER_BYTES = 4096
 
 
-def _cost_model(runner: ModelRunner, config: EngineConfig, max_model_len: int) -> CostModel:
-    if config.cache.kv_eviction_policy != "cost":
+def profile_cache_dir(config: EngineConfig) -> str | None:
+    """Where cost profiles are cached: the configured directory, else the user's cache dir."""
+    configured = config.profile_cache_dir
+    if configured is not None:
+        return None if configured.lower() == "none" else configured
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "cadenza")
+
+
+def _cost_model(
+    runner: ModelRunner, config: EngineConfig, max_model_len: int, fingerprint: str
+) -> CostModel:
+    if config.cache.kv_eviction_policy != "cost" or config.kv_cost_model != "profile":
         return CostModel.linear()
-    if config.kv_cost_model == "profile":
-        points = profile_chunk_costs(runner, profile_points(max_model_len), max_model_len)
-        if len(points) >= 2:
-            return cost_model_from(points)
-    return CostModel.linear()
+    model = load_or_profile_cost_model(
+        runner, max_model_len, fingerprint, profile_cache_dir(config)
+    )
+    return model or CostModel.linear()
 
 
 def _disk_tier(config: EngineConfig, block_bytes: int) -> DiskTier | None:
@@ -118,7 +130,7 @@ class LLMEngine:
             transfer=self.swap,
             host_slots=host_slots,
             disk=self.disk,
-            cost_model=_cost_model(self.runner, config, self.max_model_len),
+            cost_model=_cost_model(self.runner, config, self.max_model_len, self.fingerprint),
         )
         self.clock = clock
         self.max_model_len = self.core.max_model_len

@@ -23,14 +23,26 @@ from cadenza.core.sampling_params import SamplingParams
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--prefill-tokens", type=int, default=1024)
-    parser.add_argument("--decode-batches", default="1,8,32")
-    parser.add_argument("--decode-prompt-tokens", type=int, default=128)
-    parser.add_argument("--decode-tokens", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--model", default="smollm2-135m", help="model to measure")
+    parser.add_argument(
+        "--prefill-tokens", type=int, default=1024, help="prompt length of the prefill run"
+    )
+    parser.add_argument(
+        "--decode-batches", default="1,8,32", help="comma-separated decode batch sizes"
+    )
+    parser.add_argument(
+        "--decode-prompt-tokens", type=int, default=128, help="prompt length of each decode row"
+    )
+    parser.add_argument(
+        "--decode-tokens", type=int, default=64, help="tokens generated per decode row"
+    )
+    parser.add_argument(
+        "--repeats", type=int, default=3, help="interleaved repetitions (medians are reported)"
+    )
     parser.add_argument("--threads", type=int, default=None, help="default: torch's default")
-    parser.add_argument("--out-dir", default="docs/benchmarks")
+    parser.add_argument(
+        "--out-dir", default="docs/benchmarks", help="where the JSON and markdown go"
+    )
     parser.add_argument("--no-hf", action="store_true", help="skip the transformers baseline")
     parser.add_argument(
         "--no-torch-gemm",

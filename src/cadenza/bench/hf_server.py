@@ -215,11 +215,13 @@ def usage(prompt: int, completion: int) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=8001)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--served-model-name", default=None)
+    parser.add_argument("--model", default="smollm2-135m", help="model to serve")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    parser.add_argument("--port", type=int, default=8001, help="port to listen on")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads")
+    parser.add_argument(
+        "--served-model-name", default=None, help="model name in the API (default: --model)"
+    )
     args = parser.parse_args(argv)
 
     import torch

@@ -57,11 +57,15 @@ STEP_FIELDS = ("wall_s", "tokens", "seqs", "attention", "cpu_s", "copying")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--model", default="smollm2-135m", help="model to replay on")
     parser.add_argument("--data", default=None, help="ShareGPT jsonl(.gz); default: the sample")
-    parser.add_argument("--conversations", type=int, default=100)
-    parser.add_argument("--min-turns", type=int, default=3)
-    parser.add_argument("--max-turns", type=int, default=4)
+    parser.add_argument(
+        "--conversations", type=int, default=100, help="ShareGPT conversations replayed"
+    )
+    parser.add_argument(
+        "--min-turns", type=int, default=3, help="use conversations with at least this many turns"
+    )
+    parser.add_argument("--max-turns", type=int, default=4, help="turns replayed per session")
     parser.add_argument("--max-chars", type=int, default=400, help="truncate each user message")
     parser.add_argument("--max-output", type=int, default=16, help="tokens generated per turn")
     parser.add_argument("--session-rate", type=float, default=0.75, help="sessions per second")
@@ -78,10 +82,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default="resident,stateless,tiers-cost,tiers-lru",
         help="runs, in order; resident always runs first (it sizes the tiers)",
     )
-    parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out-dir", default="docs/benchmarks")
-    parser.add_argument("--name", default="replay")
+    parser.add_argument("--threads", type=int, default=None, help="default: torch's default")
+    parser.add_argument("--seed", type=int, default=0, help="seed of arrivals and think times")
+    parser.add_argument(
+        "--out-dir", default="docs/benchmarks", help="where the JSON, markdown and plot go"
+    )
+    parser.add_argument("--name", default="replay", help="base name of the result files")
     parser.add_argument("--note", default=None, help="free text recorded in the report's meta")
     parser.set_defaults(func=run)
 

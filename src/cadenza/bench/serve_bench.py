@@ -60,13 +60,15 @@ _SMOLLM2_EOS_IDS = (0, 2)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--model", default="smollm2-135m", help="model every server serves")
     parser.add_argument(
         "--systems", default=",".join(SYSTEMS), help=f"comma-separated, of {', '.join(SYSTEMS)}"
     )
     parser.add_argument("--data", default=None, help="ShareGPT jsonl(.gz); default: the sample")
-    parser.add_argument("--min-turns", type=int, default=2)
-    parser.add_argument("--max-turns", type=int, default=6)
+    parser.add_argument(
+        "--min-turns", type=int, default=2, help="use conversations with at least this many turns"
+    )
+    parser.add_argument("--max-turns", type=int, default=6, help="turns replayed per session")
     parser.add_argument("--max-chars", type=int, default=600, help="truncate each user message")
     parser.add_argument("--max-output", type=int, default=64, help="tokens generated per turn")
     parser.add_argument("--think-mean", type=float, default=5.0, help="seconds between turns")
@@ -89,7 +91,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=6,
         help="low rates get longer trials, up to --max-duration-s, to start this many sessions",
     )
-    parser.add_argument("--max-duration-s", type=float, default=60.0)
+    parser.add_argument(
+        "--max-duration-s", type=float, default=60.0, help="the longest a trial may start sessions"
+    )
     parser.add_argument(
         "--grace-s",
         type=float,
@@ -127,11 +131,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=str(DEFAULT_LLAMACPP_PYTHON),
         help="python of the venv with llama-cpp-python[server] (make llamacpp)",
     )
-    parser.add_argument("--start-timeout-s", type=float, default=300.0)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out-dir", default="docs/benchmarks")
-    parser.add_argument("--name", default="serve")
-    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument(
+        "--start-timeout-s", type=float, default=300.0, help="how long a server may take to start"
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seed of the arrival process")
+    parser.add_argument(
+        "--out-dir", default="docs/benchmarks", help="where the JSON, markdown and plot go"
+    )
+    parser.add_argument("--name", default="serve", help="base name of the result files")
+    parser.add_argument("--no-progress", action="store_true", help="no progress lines")
     parser.add_argument(
         "--render-only",
         default=None,

@@ -30,7 +30,6 @@ import importlib.util
 import io
 import json
 import os
-import random
 import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -294,43 +293,3 @@ def write_sharegpt_jsonl(records: Iterable[Record], dest: Path) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return dest
-
-
-_WORDS: Final = (
-    *("the", "a", "of", "to", "and", "in", "is", "it", "for", "on", "with", "as", "that", "this"),
-    *("be", "are", "from", "by", "at", "or", "an", "can", "you", "how", "what", "model", "data"),
-    *("cache", "memory", "request", "token", "server", "python", "function", "error", "value"),
-    *("list", "file", "table", "write", "explain", "example", "code", "question", "answer"),
-    *("user", "system", "time", "test", "result", "number", "string", "please", "help", "me"),
-    *("show", "make", "use", "need", "would", "could", "should", "about", "which", "when"),
-)
-
-
-def synthetic_sharegpt_records(count: int = 500, seed: int = 0) -> Iterator[Record]:
-    """Made-up conversations in the schema, for tests when no real ShareGPT data is present.
-
-    Deterministic for a seed. 3 to 16 turns each (most short, a few long, like the sample);
-    user messages of about 20 to 900 characters, replies of about 100 to 1,500.
-    """
-    rng = random.Random(seed)
-
-    def text(min_chars: int, max_chars: int) -> str:
-        target = int(min_chars * (max_chars / min_chars) ** rng.random())  # log-uniform
-        words: list[str] = []
-        size = 0
-        while size < target:
-            word = rng.choice(_WORDS)
-            words.append(word)
-            size += len(word) + 1
-        return " ".join(words).capitalize() + rng.choice(".?!")
-
-    for i in range(count):
-        num_turns = min(16, 3 + int(rng.expovariate(1 / 3)))
-        messages: list[dict[str, Any]] = []
-        for _ in range(num_turns):
-            for role, lo, hi in (("user", 20, 900), ("assistant", 100, 1500)):
-                content = text(lo, hi)
-                messages.append(
-                    {"role": role, "content": content, "n_tokens": estimate_tokens(content)}
-                )
-        yield {"id": f"synthetic-{seed}-{i:04d}", "num_turns": num_turns, "messages": messages}

@@ -21,13 +21,19 @@ from cadenza.config import ModelConfig
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--history-tokens", type=int, default=2000)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--copy-blocks", type=int, default=256)
+    parser.add_argument("--model", default="smollm2-135m", help="model to measure")
+    parser.add_argument(
+        "--history-tokens", type=int, default=2000, help="cached history of the TTFT cases"
+    )
+    parser.add_argument("--repeats", type=int, default=5, help="repetitions of each case")
+    parser.add_argument(
+        "--copy-blocks", type=int, default=256, help="blocks per copy in the bandwidth runs"
+    )
     parser.add_argument("--disk-path", default=None, help="default: a temporary directory")
-    parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--out-dir", default="docs/benchmarks")
+    parser.add_argument("--threads", type=int, default=None, help="default: torch's default")
+    parser.add_argument(
+        "--out-dir", default="docs/benchmarks", help="where the JSON and markdown go"
+    )
     parser.add_argument(
         "--large-shape",
         action=argparse.BooleanOptionalAction,

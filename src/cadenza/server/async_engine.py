@@ -51,6 +51,11 @@ class QueueFullError(RuntimeError):
         self.retry_after_s = retry_after_s
 
 
+class RequestAbortedError(RuntimeError):
+    """The request was aborted before it finished (by its own client leaving, or by an
+    operator); a reader still waiting for it gets this instead of waiting forever."""
+
+
 class EngineStoppedError(RuntimeError):
     """The engine is shutting down (or failed) and takes no new work."""
 
@@ -219,8 +224,13 @@ class AsyncEngine:
         """Abort a request from any thread (a disconnected client); frees its blocks."""
 
         def run(engine: EngineLike) -> None:
-            if self._streams.pop(request_id, None) is not None or reason != "client":
+            stream = self._streams.pop(request_id, None)
+            if stream is not None or reason != "client":
                 engine.handle(AbortRequest(request_id, reason))
+            if stream is not None:  # a reader still waiting (not the one that left) is told
+                stream.loop.call_soon_threadsafe(
+                    stream.queue.put_nowait, RequestAbortedError(f"request {request_id} aborted")
+                )
 
         self._commands.put(run)
 

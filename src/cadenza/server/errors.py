@@ -11,7 +11,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from cadenza.server.async_engine import EngineStoppedError, QueueFullError
+from cadenza.server.async_engine import EngineStoppedError, QueueFullError, RequestAbortedError
 
 log = logging.getLogger("cadenza.server")
 
@@ -118,6 +118,10 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(EngineStoppedError)
     async def _stopped(_: Request, exc: EngineStoppedError) -> JSONResponse:
         return error_response(503, str(exc), headers={"Retry-After": "5"})
+
+    @app.exception_handler(RequestAbortedError)
+    async def _aborted(_: Request, exc: RequestAbortedError) -> JSONResponse:
+        return error_response(503, f"{exc}; send it again", headers={"Retry-After": "1"})
 
     @app.exception_handler(ValueError)
     async def _value(_: Request, exc: ValueError) -> JSONResponse:

@@ -79,8 +79,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def engine_config(args: argparse.Namespace) -> EngineConfig:
-    """The engine config of the flags; the store and the disk KV tier default to files under
-    ``--data-dir``."""
+    """The engine config of the flags; the store, the disk KV tier and the cost-profile cache
+    default to files under ``--data-dir``."""
     data = Path(args.data_dir).expanduser()
     overrides: dict[str, Any] = {}
     if args.session_store_path is None:
@@ -88,6 +88,8 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         overrides["session_store_path"] = str(data / "store.sqlite")
     if args.kv_disk_gib > 0 and args.kv_disk_path is None:
         overrides["kv_disk_path"] = str(data / "kv")
+    if args.profile_cache_dir is None:
+        overrides["profile_cache_dir"] = str(data / "profiles")
     return engine_config_from_args(args, **overrides)
 
 
