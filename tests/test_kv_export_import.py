@@ -197,3 +197,25 @@ def test_smollm2_sessions_move_between_processes(smollm2_source, tmp_path):
                 assert warm.num_cached_tokens >= len(history) - 16, (sid, warm.num_cached_tokens)
             assert llm.reset_prefix_cache()
         assert engine.stats().import_rejected_chunks == 1
+
+
+def test_blocks_past_a_full_device_are_imported_to_the_host_tier(tiny_source):
+    first = [13 + (i * 17) % 300 for i in range(100)]
+    with tiny_llm(tiny_source) as a, tiny_llm(tiny_source) as cold_engine:
+        (out,) = a.generate([first], GREEDY)
+        history = first + out.outputs[0].token_ids
+        nxt = history + [7, 8]
+        export = a.engine.export_kv("s", history)
+        cold = run_tokens(cold_engine, nxt, len(history) - 1, "cold")
+    # Half the pool is the admission reserve: an import takes the other half, then host slots.
+    small = {"num_kv_blocks": 40, "host_num_blocks": 64, "admission_reserve_fraction": 0.5}
+    with tiny_llm(tiny_source, **small) as b:
+        result = b.import_kv(export)
+        assert result.installed_by_tier["host"] > 0 and result.installed_by_tier["device"] > 0
+        assert result.num_blocks == len(export.blocks) and result.rejected_chunks == 0
+        warm = run_tokens(b, nxt, len(history) - 1, "s")
+        assert warm.outputs[0].token_ids == cold.outputs[0].token_ids
+        assert warm.num_cached_tokens >= len(history) - 4
+        assert warm.cached_tokens_by_tier.get("host", 0) > 0
+        b.engine.flush()
+        assert b.engine.num_free_blocks == b.engine.num_total_blocks

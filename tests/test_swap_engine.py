@@ -76,7 +76,7 @@ def test_background_copies_wait_out_a_forward_pass_but_urgent_fetches_do_not() -
             )
             swap.submit(offload)
             swap.submit(hinted)
-            time.sleep(0.2)
+            assert _until(swap, lambda: swap.deferred_slices >= 1)  # parked behind the pass
             assert not any(item.ok for item in offload.items)  # nothing started mid-pass
             assert not hinted.items[0].ok
             urgent = TransferJob(
@@ -95,6 +95,12 @@ def test_background_copies_wait_out_a_forward_pass_but_urgent_fetches_do_not() -
         assert torch.equal(swap.host_kv[:, :, 0:3], kv[:, :, 0:3])
     finally:
         swap.close()
+
+
+def _until(swap: SwapEngine, condition, timeout_s: float = 10.0) -> bool:
+    """Wait on the swap engine's condition (notified when it parks) until ``condition``."""
+    with swap._cond:
+        return swap._cond.wait_for(condition, timeout_s)
 
 
 def test_close_finishes_queued_work() -> None:
@@ -196,8 +202,8 @@ def test_run_now_waits_for_a_queued_job_writing_a_slot_it_reads() -> None:
             fetch = TransferJob(JobKind.FETCH, [_item(3, Tier.HOST, 4, Tier.DEVICE, 1)])
             fetch.owner = "preempt"
             done = _run_now_in_thread(swap, fetch)
-            time.sleep(0.1)
-            assert not done.is_set()  # it waits for the copy that fills slot 4
+            assert _until(swap, lambda: swap.run_now_waits == 1)  # it waits for the copy
+            assert not done.is_set() and not fetch.items[0].ok  # that fills slot 4
         assert done.wait(10)
         assert offload.items[0].ok and fetch.items[0].ok
         assert torch.equal(kv[:, :, 1], kv[:, :, 9])

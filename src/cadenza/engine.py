@@ -335,10 +335,14 @@ class LLMEngine:
         try:
             for layer in range(self.layout.num_layers):
                 for chunk in export.layer_chunks(layer):
-                    targets = self.importer.accept_chunk(plan, chunk)
-                    write_chunk(self.runner.kv_caches, chunk, targets)
+                    device, host = self.importer.accept_chunk(plan, chunk)
+                    write_chunk(self.runner.kv_caches, chunk, device)
+                    if host and self.swap.host_kv is not None:
+                        write_chunk(self.swap.host_kv, chunk, host)
                 self.importer.layer_done(plan, layer)
-            installed = self.importer.commit(plan)
+            for slot in plan.host_targets.values():
+                self.swap.seal_host_slot(slot)
+            installed, on_host = self.importer.commit(plan)
         except BaseException:
             self.importer.abort(plan)
             raise
@@ -352,7 +356,7 @@ class LLMEngine:
             )
         return ImportResult(
             num_blocks=len(plan.blocks),
-            installed_by_tier={"device": len(installed)},
+            installed_by_tier={"device": len(installed), "host": on_host},
             rejected_chunks=plan.rejected_chunks,
             rejected_blocks=plan.rejected_blocks,
             num_tokens=len(plan.blocks) * self.layout.block_size,

@@ -7,8 +7,8 @@ An import is verified before anything becomes visible:
    starting from this engine's seed for the export's cache salt. The chain is cut at the first
    block that fails. Blocks already cached on the device are reused; the rest get fresh device
    blocks (held by the import, not yet findable) while free space above the admission reserve
-   lasts; past that the chain is cut too, since a prefix cache cannot use a block whose
-   predecessor is missing.
+   lasts, then empty host slots; past that the chain is cut too, since a prefix cache cannot
+   use a block whose predecessor is missing.
 2. ``accept_chunk`` verifies each layer chunk's checksum; a mismatch is counted and cuts the
    chain at the chunk's first block (its blocks are never installed). The caller writes the
    accepted chunk's bytes into the returned device blocks.
@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 from cadenza.core.block_pool import BlockPool, KVBlock
 from cadenza.core.hashing import hash_block, hash_seed
-from cadenza.core.tiering import TierManager
+from cadenza.core.tiering import HostEntry, TierManager
 from cadenza.kvstore.kv_export import GROUP_BLOCKS, ExportedBlock, KVLayout, LayerChunk
 
 
@@ -38,9 +38,11 @@ class ImportPlan:
     blocks: list[ExportedBlock]  # the verified chain, possibly cut short later
     targets: dict[int, KVBlock]  # index in ``blocks`` -> fresh device block to write
     reused: int  # leading blocks already cached on this device
+    host_targets: dict[int, int] = field(default_factory=dict)  # index -> empty host slot
     rejected_blocks: int = 0
     rejected_chunks: int = 0
     held: list[KVBlock] = field(default_factory=list)  # cached chain blocks kept meanwhile
+    released_slots: list[int] = field(default_factory=list)  # host slots to give back
     layers_written: set[int] = field(default_factory=set)
 
     def cut(self, at: int, pool: BlockPool) -> None:
@@ -51,6 +53,8 @@ class ImportPlan:
         dropped = [b for i, b in self.targets.items() if i >= at]
         self.targets = {i: b for i, b in self.targets.items() if i < at}
         pool.free(dropped, accessed=False)
+        self.released_slots += [s for i, s in self.host_targets.items() if i >= at]
+        self.host_targets = {i: s for i, s in self.host_targets.items() if i < at}
         self.blocks = self.blocks[:at]
 
 
@@ -91,14 +95,23 @@ class KVImporter:
         plan.held = [b for b in cached if b is not None]
         self.pool.touch(plan.held)
         room = self.pool.num_free_blocks - self.reserve_blocks
+        host = self.tiers.host
         for i, block in enumerate(cached):
             if block is not None:
                 plan.reused += plan.reused == i
                 continue
-            if len(plan.targets) >= room:
+            meta = chain[i]
+            if host is not None and host.lookup(meta.key, meta.parent, meta.token_ids):
+                continue  # already on this engine's host tier: a fetch brings it up
+            if len(plan.targets) < room:
+                plan.targets[i] = None  # type: ignore[assignment]  # allocated below
+                continue
+            # The device is full: the host tier takes the rest, in empty slots only.
+            slot = host.take_free(1) if host is not None else []
+            if not slot:
                 plan.cut(i, self.pool)
                 break
-            plan.targets[i] = None  # type: ignore[assignment]  # allocated below
+            plan.host_targets[i] = slot[0]
         wanted = sorted(plan.targets)
         fresh = self.pool.allocate(len(wanted)) if wanted else []
         plan.targets = dict(zip(wanted, fresh, strict=True))
@@ -121,12 +134,15 @@ class KVImporter:
             parent = block.key
         return chain
 
-    def accept_chunk(self, plan: ImportPlan, chunk: LayerChunk) -> list[tuple[int, int]]:
-        """Verify one chunk; returns ``(index in chunk, device block id)`` pairs to write
-        (empty when the chunk is rejected or covers no block that needs writing)."""
+    def accept_chunk(
+        self, plan: ImportPlan, chunk: LayerChunk
+    ) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+        """Verify one chunk; returns the ``(index in chunk, device block id)`` and
+        ``(index in chunk, host slot)`` pairs to write (empty when the chunk is rejected or
+        covers no block that needs writing)."""
         start = chunk.group * GROUP_BLOCKS
         if start >= len(plan.blocks):
-            return []
+            return [], []
         expected = min(GROUP_BLOCKS, len(plan.blocks) - start) * self.layout.block_layer_bytes
         if not chunk.verify() or len(chunk.k) < expected or len(chunk.v) < expected:
             plan.rejected_chunks += 1
@@ -134,20 +150,21 @@ class KVImporter:
             before = plan.rejected_blocks
             plan.cut(start, self.pool)
             self.rejected_blocks += plan.rejected_blocks - before
-            return []
-        return [
-            (i - start, plan.targets[i].block_id)
-            for i in range(start, min(start + GROUP_BLOCKS, len(plan.blocks)))
-            if i in plan.targets
-        ]
+            return [], []
+        span = range(start, min(start + GROUP_BLOCKS, len(plan.blocks)))
+        device = [(i - start, plan.targets[i].block_id) for i in span if i in plan.targets]
+        host = [(i - start, plan.host_targets[i]) for i in span if i in plan.host_targets]
+        return device, host
 
     def layer_done(self, plan: ImportPlan, layer: int) -> None:
         plan.layers_written.add(layer)
 
-    def commit(self, plan: ImportPlan) -> list[KVBlock]:
-        """Make the written blocks findable (every layer must be in), pin them, let go."""
+    def commit(self, plan: ImportPlan) -> tuple[list[KVBlock], int]:
+        """Make the written blocks findable (every layer must be in; host slots already
+        checksummed by the caller), pin the device ones, let go. Returns the installed device
+        blocks and the number of host entries."""
         missing = set(range(self.layout.num_layers)) - plan.layers_written
-        if missing and plan.targets:
+        if missing and (plan.targets or plan.host_targets):
             self.abort(plan)
             raise ValueError(f"import incomplete: layers {sorted(missing)} were never written")
         installed: list[KVBlock] = []
@@ -159,10 +176,33 @@ class KVImporter:
         self.pool.free(list(plan.targets.values()))
         self.pool.free(plan.held)
         self.tiers.pin(installed + plan.held, self.clock() + self.pin_s)
-        plan.targets, plan.held = {}, []
-        return installed
+        on_host = 0
+        host = self.tiers.host
+        now = self.clock()
+        for i, slot in sorted(plan.host_targets.items()):
+            meta = plan.blocks[i]
+            assert host is not None
+            entry = HostEntry(
+                meta.key, meta.parent, meta.token_ids, slot, meta.position, len(meta.token_ids), now
+            )
+            if host.add(entry):
+                on_host += 1
+            else:
+                host.release(slot)
+        self._release_slots(plan)
+        plan.targets, plan.held, plan.host_targets = {}, [], {}
+        return installed, on_host
 
     def abort(self, plan: ImportPlan) -> None:
         self.pool.free(list(plan.targets.values()), accessed=False)
         self.pool.free(plan.held, accessed=False)
-        plan.targets, plan.held = {}, []
+        plan.released_slots += list(plan.host_targets.values())
+        self._release_slots(plan)
+        plan.targets, plan.held, plan.host_targets = {}, [], {}
+
+    def _release_slots(self, plan: ImportPlan) -> None:
+        host = self.tiers.host
+        for slot in plan.released_slots:
+            assert host is not None
+            host.release(slot)
+        plan.released_slots = []

@@ -109,6 +109,11 @@ class HostIndex:
                 self.events.emit_removed([e.key for e in evicted], Tier.HOST)
         return slots, evicted
 
+    def take_free(self, n: int) -> list[int]:
+        """Up to ``n`` empty slots, evicting nothing (the caller fills them, then ``add``s or
+        ``release``s each)."""
+        return [self._free_slots.pop() for _ in range(min(n, len(self._free_slots)))]
+
     def add(self, entry: HostEntry) -> bool:
         """Index a filled slot; False (nothing changes) if the key is already held, in which
         case the caller releases the slot."""

@@ -129,6 +129,11 @@ class SwapEngine:
         self._in_flight = 0
         self._computing = False
         self._closed = False
+        # Observable waits (tests assert on them instead of sleeping): background slices that
+        # found a forward pass running and waited it out; run_now calls that waited for a
+        # conflicting job.
+        self.deferred_slices = 0
+        self.run_now_waits = 0
         self.copy_threads: int | None = None  # the copy thread's OpenMP threads, once started
         self._thread = threading.Thread(target=self._loop, name="cadenza-swap", daemon=True)
         self._thread.start()
@@ -162,10 +167,15 @@ class SwapEngine:
         """Run ``job`` on the caller's thread, after the submitted jobs that write a device
         block or host slot it touches or read one it writes (not after unrelated ones)."""
         places = _places(job)
+
+        def clear() -> bool:
+            return not any(_conflict(places, other) for other in self._active.values())
+
         with self._cond:
-            self._cond.wait_for(
-                lambda: not any(_conflict(places, other) for other in self._active.values())
-            )
+            if not clear():
+                self.run_now_waits += 1
+                self._cond.notify_all()
+                self._cond.wait_for(clear)
         self._record_ready(job)
         with self._run_now_lock:
             self._run(job, self._stream_now, self._staging_now, background=False)
@@ -233,6 +243,9 @@ class SwapEngine:
             return
         while True:
             with self._cond:
+                if self._computing and not self._urgent and not self._closed:
+                    self.deferred_slices += 1
+                    self._cond.notify_all()
                 self._cond.wait_for(lambda: self._urgent or not self._computing or self._closed)
                 urgent = self._urgent.popleft() if self._urgent else None
             if urgent is None:
@@ -314,6 +327,11 @@ class SwapEngine:
             with self._cond:
                 self.checksum_failures += 1
         return ok
+
+    def seal_host_slot(self, slot: int) -> None:
+        """Record the checksum of bytes written into an unused host slot outside a copy job
+        (a KV import), before the slot is indexed."""
+        self._host_crc[slot] = self._slot_crc(slot)
 
     def verify_host_slot(self, slot: int) -> bool:
         """Check a host slot against its checksum before reading it outside a copy job (e.g. a
