@@ -29,15 +29,18 @@ TORCH_FREE = [
     "cadenza.server.serve",
     "cadenza.server.state",
     "cadenza.kvstore.kv_export",
+    "cadenza.cluster.kv_index",
+    "cadenza.cluster.placement",
 ]
 
 
-def test_server_session_and_api_modules_do_not_import_torch():
+def test_server_session_api_and_cluster_policy_modules_do_not_import_torch_or_ray():
     code = (
         "import importlib, sys\n"
         f"for name in {TORCH_FREE!r}:\n"
         "    importlib.import_module(name)\n"
         "    assert 'torch' not in sys.modules, f'{name} imported torch'\n"
+        "    assert 'ray' not in sys.modules, f'{name} imported ray'\n"
         "print('ok')\n"
     )
     result = subprocess.run(
