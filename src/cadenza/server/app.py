@@ -9,7 +9,7 @@ from typing import Any
 
 from fastapi import FastAPI
 from starlette.datastructures import Headers
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from cadenza.server import (
     metrics,
@@ -20,7 +20,7 @@ from cadenza.server import (
 )
 from cadenza.server.errors import error_response, install_error_handlers
 from cadenza.server.state import ServerState
-from cadenza.server.text_checks import RejectInvalidText
+from cadenza.server.text_checks import RejectInvalidText, replay_body
 
 log = logging.getLogger("cadenza.server")
 
@@ -68,16 +68,7 @@ class BodySizeLimit:
             chunks.append(chunk)
             if not message.get("more_body", False):
                 break
-        replayed = False
-
-        async def replay() -> Message:
-            nonlocal replayed
-            if replayed:
-                return await receive()  # from now on: the disconnect, when it comes
-            replayed = True
-            return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
-
-        await self.app(scope, replay, send)
+        await self.app(scope, replay_body(b"".join(chunks), receive), send)
 
 
 def build_app(state: ServerState, *, extra_routers: tuple[Any, ...] = ()) -> FastAPI:

@@ -95,16 +95,22 @@ class RejectInvalidText:
             reply = error_response(400, text, param=where, code="invalid_unicode")
             await reply(scope, receive, send)
             return
-        replayed = False
+        await self.app(scope, replay_body(body, receive), send)
 
-        async def replay() -> Message:
-            nonlocal replayed
-            if replayed:
-                return await receive()  # from now on: the disconnect, when it comes
-            replayed = True
-            return {"type": "http.request", "body": body, "more_body": False}
 
-        await self.app(scope, replay, send)
+def replay_body(body: bytes, receive: Receive) -> Receive:
+    """A ``receive`` that hands the app a body already read, whole, then defers to the real
+    one (which reports the disconnect, when it comes)."""
+    replayed = False
+
+    async def replay() -> Message:
+        nonlocal replayed
+        if replayed:
+            return await receive()
+        replayed = True
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    return replay
 
 
 def _where_invalid(body: bytes) -> str | None:
