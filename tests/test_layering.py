@@ -31,6 +31,11 @@ TORCH_FREE = [
     "cadenza.kvstore.kv_export",
     "cadenza.cluster.kv_index",
     "cadenza.cluster.placement",
+    "cadenza.sim.trace",
+    "cadenza.sim.converters.sharegpt",
+    "cadenza.sim.converters.mooncake",
+    "cadenza.sim.converters.azure",
+    "cadenza.sim.converters.agents",
 ]
 
 

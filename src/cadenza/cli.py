@@ -127,6 +127,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_chat_client_args(chat)
     chat.set_defaults(func=cmd_chat)
 
+    from cadenza.sim.trace_cli import add_arguments as add_trace_args
+
+    add_trace_args(sub.add_parser("trace", help="session traces: convert workloads, print totals"))
+
     serve = sub.add_parser("serve", help="the OpenAI-compatible stateful server")
     add_engine_arguments(serve)
     from cadenza.server.serve import add_arguments as add_serve_args

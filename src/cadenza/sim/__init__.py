@@ -1,0 +1,1 @@
+"""The simulator and the session-trace format it shares with the real engine."""
