@@ -22,6 +22,7 @@ A policy sees the workers' load snapshots and the router's ``KVIndex`` and retur
 from __future__ import annotations
 
 import itertools
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -81,22 +82,23 @@ class CostParams:
     link_bytes_per_s: float = 1e9
 
 
-class PlacementPolicy:
+class PlacementPolicy(ABC):
     name = "base"
 
     def __init__(self, index: KVIndex, costs: CostParams | None = None) -> None:
         self.index = index
         self.costs = costs or CostParams()
 
+    @abstractmethod
     def place(self, turn: Turn, workers: Sequence[WorkerView]) -> Placement:
-        raise NotImplementedError
+        """The worker for ``turn`` among ``workers`` (LookupError if none accepts work)."""
 
     def on_hint(self, turn: Turn, workers: Sequence[WorkerView]) -> Placement | None:
         """A hint for the session's next turn; a placement means "move its KV there now"."""
         return None
 
-    def forget_session(self, session_id: str) -> None:
-        """The session ended."""
+    def forget_session(self, session_id: str) -> None:  # noqa: B027 - most keep no state
+        """The session ended: drop what the policy remembers of it (nothing by default)."""
 
     @staticmethod
     def accepting(workers: Sequence[WorkerView]) -> list[WorkerView]:
