@@ -191,8 +191,10 @@ class LLMEngine:
         session_id: str | None = None,
         num_history_tokens: int = 0,
         retention_ttl_s: float = 0.0,
+        resume_token_ids: Sequence[int] = (),
     ) -> str:
-        """Queue a request; raises ValueError (nothing queued) if it cannot be served."""
+        """Queue a request; raises ValueError (nothing queued) if it cannot be served.
+        ``resume_token_ids``: output already generated elsewhere (see ``EngineRequest``)."""
         request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
         text = prompt if isinstance(prompt, str) else None
         request = self.core.add_request(
@@ -205,6 +207,7 @@ class LLMEngine:
             session_id=session_id,
             num_history_tokens=num_history_tokens,
             retention_ttl_s=retention_ttl_s,
+            resume_token_ids=resume_token_ids,
         )
         self.outputs.add(request, text, request.arrival_time)
         return request_id
@@ -221,6 +224,7 @@ class LLMEngine:
             session_id=request.session_id,
             num_history_tokens=request.num_history_tokens,
             retention_ttl_s=request.retention_ttl_s,
+            resume_token_ids=request.resume_token_ids,
         )
 
     def _tokenize(self, prompt: str | Sequence[int]) -> list[int]:
@@ -234,6 +238,19 @@ class LLMEngine:
         request = self.core.abort_request(request_id, reason)
         self.outputs.drop(request_id)
         return request is not None
+
+    def stop_and_export(self, request_id: str, reason: str = "migrated") -> KVExport | None:
+        """Stop a request and export the KV of its tokens so far (the stop-and-copy of a live
+        migration); None if it is not running here. Its blocks stay cached after the stop,
+        so the export reads them before anything else can evict them."""
+        request = self.core.scheduler.requests.get(request_id)
+        if request is None or request.is_finished:
+            return None
+        tokens = list(request.all_token_ids)
+        session_id = request.session_id or request_id
+        salt = request.cache_salt
+        self.abort_request(request_id, reason)
+        return self.export_kv(session_id, tokens, salt)
 
     def has_unfinished_requests(self) -> bool:
         return self.core.has_unfinished_requests()
@@ -401,8 +418,10 @@ class LLMEngine:
         match command:
             case AddRequest(request=request):
                 return self.submit(request)
-            case AbortRequest(request_id=rid, reason=reason):
-                return self.abort_request(rid, reason)
+            case AbortRequest(request_id=rid, reason=reason, export=export):
+                return self.stop_and_export(rid, reason) if export else self.abort_request(
+                    rid, reason
+                )
             case HintSession():
                 return HintResult(
                     self.hint(

@@ -38,6 +38,10 @@ class EngineRequest:
     priority: int = 0
     cache_salt: str | None = None
     arrival_time: float | None = None
+    # Tokens this request already generated on another engine (a failed-over or live-migrated
+    # request): they follow the prompt and count as output (max_tokens, penalties, the seeded
+    # sampling step), so the continuation is the one an uninterrupted run would produce.
+    resume_token_ids: tuple[int, ...] = ()
 
     @classmethod
     def of(cls, request_id: str, prompt: str | list[int] | tuple[int, ...], **kw: Any):
@@ -53,6 +57,9 @@ class AddRequest:
 class AbortRequest:
     request_id: str
     reason: str = "client"  # client (disconnect / cancel), error, shutdown, migrated
+    # Export the request's KV (its full blocks, as ``ExportKV`` would) in the same engine step
+    # it is stopped in: the stop-and-copy of a live migration.
+    export: bool = False
 
 
 @dataclass(frozen=True)

@@ -44,9 +44,13 @@ class OutputProcessor:
                 skip_special_tokens=request.sampling_params.skip_special_tokens,
             )
         wants_logprobs = request.sampling_params.logprobs is not None
-        self.states[request.request_id] = RequestState(
-            request, prompt, detok, arrival_time, [] if wants_logprobs else None
-        )
+        state = RequestState(request, prompt, detok, arrival_time, [] if wants_logprobs else None)
+        if request.output_token_ids:  # resumed: that output was streamed by another engine
+            if detok is not None:
+                state.text = detok.push(list(request.output_token_ids))
+            state.emitted_text = len(state.text)
+            state.emitted_tokens = request.num_output_tokens
+        self.states[request.request_id] = state
 
     def record_token(
         self,

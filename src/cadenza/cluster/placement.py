@@ -100,6 +100,9 @@ class PlacementPolicy(ABC):
     def forget_session(self, session_id: str) -> None:  # noqa: B027 - most keep no state
         """The session ended: drop what the policy remembers of it (nothing by default)."""
 
+    def on_hint_expired(self, session_id: str) -> None:  # noqa: B027 - most keep no state
+        """A hint expired with no turn: drop the placement it reserved (nothing by default)."""
+
     @staticmethod
     def accepting(workers: Sequence[WorkerView]) -> list[WorkerView]:
         live = [w for w in workers if w.accepting]
@@ -237,6 +240,9 @@ class Symphony(KVAware):
         return super().place(turn, workers)
 
     def forget_session(self, session_id: str) -> None:
+        self.hinted.pop(session_id, None)
+
+    def on_hint_expired(self, session_id: str) -> None:
         self.hinted.pop(session_id, None)
 
 

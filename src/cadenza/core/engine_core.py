@@ -242,8 +242,11 @@ class EngineCore:
         session_id: str | None = None,
         num_history_tokens: int = 0,
         retention_ttl_s: float = 0.0,
+        resume_token_ids: Sequence[int] = (),
     ) -> Request:
-        """Queue a request; raises ValueError (nothing queued) if it cannot be served."""
+        """Queue a request; raises ValueError (nothing queued) if it cannot be served.
+        ``resume_token_ids`` are output tokens already generated elsewhere: they are
+        prefilled after the prompt and count as this request's output."""
         params = params or SamplingParams()
         request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
         ids = [int(t) for t in token_ids]
@@ -254,6 +257,13 @@ class EngineCore:
         request.session_id = session_id
         request.num_history_tokens = num_history_tokens
         request.retention_ttl_s = retention_ttl_s
+        for token in resume_token_ids:
+            request.append_output_token(int(token))
+        if request.num_tokens >= request.max_total_tokens:
+            raise ValueError(
+                f"the request already has {request.num_output_tokens} output tokens; "
+                "nothing is left to generate"
+            )
         self.scheduler.add_request(request)
         return request
 

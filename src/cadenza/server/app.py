@@ -13,6 +13,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from cadenza.server import (
     metrics,
+    routes_cluster,
     routes_conversations,
     routes_openai,
     routes_responses,
@@ -21,6 +22,7 @@ from cadenza.server import (
 from cadenza.server.errors import error_response, install_error_handlers
 from cadenza.server.state import ServerState
 from cadenza.server.text_checks import RejectInvalidText, replay_body
+from cadenza.server.worker_header import WorkerHeader
 
 log = logging.getLogger("cadenza.server")
 
@@ -77,9 +79,16 @@ def build_app(state: ServerState, *, extra_routers: tuple[Any, ...] = ()) -> Fas
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        start = getattr(state.engine, "start", None)
+        if start is not None:  # a cluster router: its pull loops run on this event loop
+            await start()
         yield
         log.info("draining: no new requests; waiting for those in flight")
-        state.engine.shutdown()
+        close = getattr(state.engine, "aclose", None)
+        if close is not None:
+            await close()
+        else:
+            state.engine.shutdown()
 
     app = FastAPI(
         title="Cadenza",
@@ -94,13 +103,21 @@ def build_app(state: ServerState, *, extra_routers: tuple[Any, ...] = ()) -> Fas
     # check reads.
     app.add_middleware(RejectInvalidText)
     app.add_middleware(BodySizeLimit, state=state)
+    app.add_middleware(WorkerHeader)
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
         engine = state.engine
         return {"status": "ok", "model": state.model_name, "in_flight": engine.num_streams}
 
-    for module in (routes_openai, routes_sessions, routes_responses, routes_conversations, metrics):
+    for module in (
+        routes_openai,
+        routes_sessions,
+        routes_responses,
+        routes_conversations,
+        routes_cluster,
+        metrics,
+    ):
         app.include_router(module.router)
     for router in extra_routers:
         app.include_router(router)

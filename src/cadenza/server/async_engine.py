@@ -24,6 +24,7 @@ from typing import Any, Protocol
 
 from cadenza.engine_api import AbortRequest, AddRequest, EngineCommand, EngineRequest, GetLoad
 from cadenza.outputs import RequestOutput
+from cadenza.server.worker_header import set_worker
 
 log = logging.getLogger("cadenza.server")
 
@@ -79,6 +80,7 @@ class AsyncEngine:
     ) -> None:
         self.max_waiting = max_waiting
         self.on_step = on_step
+        self.worker_id = "w0"  # the one in-process worker (``X-Cadenza-Worker``)
         self._commands: queue.SimpleQueue[Callable[[EngineLike], None]] = queue.SimpleQueue()
         self._streams: dict[str, _Stream] = {}
         self._ids = itertools.count()
@@ -207,6 +209,7 @@ class AsyncEngine:
         try:
             await self._run_on_engine(add)
             submitted = True
+            set_worker(self.worker_id)
             while True:
                 item = await stream.queue.get()
                 if isinstance(item, BaseException):

@@ -514,8 +514,7 @@ def response_store(state: ServerState) -> ResponseStore:
     with _OPEN_LOCK:
         store = state.extras.get(_KEY)
         if store is None:
-            engine = state.engine.engine
-            path = engine.config.session_store_path if engine is not None else None
+            path = state.engine.config.session_store_path
             store = ResponseStore(path)
             state.extras[_KEY] = store
     return store

@@ -21,6 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from cadenza.cluster.placement import POLICY_NAMES
 from cadenza.config_args import engine_config_from_args
 
 if TYPE_CHECKING:
@@ -74,6 +75,46 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default="info",
         choices=["critical", "error", "warning", "info", "debug"],
         help="log level of the server and uvicorn (default: %(default)s)",
+    )
+    cluster = parser.add_argument_group("cluster")
+    cluster.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="engine workers; more than 1 starts each as a Ray actor behind a router in this "
+        "process (1: the engine runs in-process, no Ray) (default: %(default)s)",
+    )
+    cluster.add_argument(
+        "--worker-threads",
+        type=int,
+        default=1,
+        help="torch threads per cluster worker (default: %(default)s)",
+    )
+    cluster.add_argument(
+        "--ray-address",
+        default=None,
+        help="join this Ray cluster (e.g. ray://host:10001 or auto) instead of starting a local"
+        " one; implies the cluster router even with --workers 1",
+    )
+    cluster.add_argument(
+        "--routing",
+        default=None,
+        choices=list(POLICY_NAMES),
+        help="per-turn placement policy of the cluster router (default: symphony with more"
+        " than one worker)",
+    )
+    cluster.add_argument(
+        "--cluster-backend",
+        default="ray",
+        choices=["ray", "local"],
+        help="where cluster workers run: Ray actors, or threads of this process (for trying the"
+        " router without Ray) (default: %(default)s)",
+    )
+    cluster.add_argument(
+        "--migration-budget-mib",
+        type=float,
+        default=256.0,
+        help="KV bytes in flight per worker for migrations (default: %(default)s)",
     )
     parser.set_defaults(kv_host_gib=2.0, kv_disk_gib=8.0)
 
@@ -138,6 +179,62 @@ def _exit_cleanly(signum: int, frame: Any) -> None:
     raise SystemExit(0)
 
 
+def uses_cluster(args: argparse.Namespace) -> bool:
+    return args.workers > 1 or args.ray_address is not None
+
+
+def check_cluster_args(args: argparse.Namespace) -> None:
+    if args.workers < 1:
+        raise ValueError(f"--workers must be at least 1; got {args.workers}")
+    if args.worker_threads < 1:
+        raise ValueError(f"--worker-threads must be at least 1; got {args.worker_threads}")
+    if args.routing is not None and not uses_cluster(args):
+        raise ValueError("--routing needs a cluster: pass --workers 2 or more (or --ray-address)")
+
+
+def start_cluster(args: argparse.Namespace, config: EngineConfig) -> Any:
+    """Start the workers and the router over them (``ClusterEngine``)."""
+    import asyncio
+    from dataclasses import replace
+
+    from cadenza.cluster.router import ClusterEngine
+
+    if args.cluster_backend == "local":
+        from cadenza.cluster.worker_handle import LocalWorker
+        from cadenza.engine import LLMEngine
+
+        def worker_config(i: int) -> EngineConfig:
+            cache = config.cache
+            if cache.kv_disk_path:
+                cache = replace(cache, kv_disk_path=str(Path(cache.kv_disk_path) / f"w{i}"))
+            return replace(config, cache=cache)
+
+        def factory(cfg: EngineConfig) -> Any:
+            return lambda: LLMEngine(cfg)
+
+        handles: list[Any] = [
+            LocalWorker(f"w{i}", factory(worker_config(i))) for i in range(args.workers)
+        ]
+    else:
+        from cadenza.cluster.ray_backend import start_workers
+
+        handles = start_workers(
+            args.workers,
+            config,
+            threads_per_worker=args.worker_threads,
+            address=args.ray_address,
+        )
+    return asyncio.run(
+        ClusterEngine.connect(
+            handles,
+            config,
+            routing=args.routing or "symphony",
+            max_waiting=args.max_queued_requests,
+            migration_budget_bytes=int(args.migration_budget_mib * 2**20),
+        )
+    )
+
+
 def run(args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -148,6 +245,7 @@ def run(args: argparse.Namespace) -> int:
     from cadenza.server.state import ServerState
 
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    check_cluster_args(args)
     config = engine_config(args)
     try:
         sock = bind_socket(args.host, args.port)
@@ -171,11 +269,19 @@ def run(args: argparse.Namespace) -> int:
             )
         name = args.served_model_name or args.model
         metrics = ServerMetrics(name)
-        engine = AsyncEngine(
-            lambda: LLMEngine(config),
-            max_waiting=args.max_queued_requests,
-            on_step=metrics.on_step,
-        )
+        engine: Any
+        if uses_cluster(args):
+            from cadenza.server.cluster_metrics import ClusterCollector
+
+            engine = start_cluster(args, config)
+            engine.on_step = metrics.on_step
+            metrics.registry.register(ClusterCollector(engine))
+        else:
+            engine = AsyncEngine(
+                lambda: LLMEngine(config),
+                max_waiting=args.max_queued_requests,
+                on_step=metrics.on_step,
+            )
         state = ServerState.with_keys(
             engine,
             name,
