@@ -22,6 +22,7 @@ in ``ClusterStats``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -227,8 +228,11 @@ class Migrations:
 
     # ------------------------------------------------------------------ live migration
     async def live_migrate(
-        self, request_id: str, dst: str | None, kind: str = "live"
+        self, request_id: str, dst: str | None, kind: str = "live", transfer: bool = True
     ) -> dict[str, Any]:
+        """Move a running request to ``dst`` (default: the least loaded other worker). With
+        ``transfer`` its KV goes along (pre-copy, then stop-and-copy); without, it is stopped
+        and re-prefilled at the destination (MELL's choice when that is cheaper)."""
         router = self.router
         stream = router._streams.get(request_id)
         if stream is None or stream.worker_id is None:
@@ -243,6 +247,10 @@ class Migrations:
         sid = request.session_id or request_id
         salt = request.cache_salt
         start = router.clock()
+        if src == dst:
+            return {"request_id": request_id, "migrated": False, "error": "already there"}
+        if not transfer:
+            return await self._reprefill(stream, src, dst, kind, start)
         # Pre-copy while it keeps decoding: each round moves the blocks the previous left.
         for _ in range(2):
             tokens = stream.prompt_token_ids + stream.output_token_ids
@@ -278,6 +286,39 @@ class Migrations:
         return {
             "request_id": request_id,
             "migrated": True,
+            "src": src,
+            "dst": dst,
+            "tokens_at_stop": len(tokens),
+            "elapsed_s": router.clock() - start,
+        }
+
+    async def _reprefill(
+        self, stream: Any, src: str, dst: str, kind: str, start: float
+    ) -> dict[str, Any]:
+        """Stop the request at ``src`` and resume it at ``dst`` from the tokens the router has
+        seen; tokens generated after those are generated again (identically: greedy and
+        seeded sampling do not depend on where a request runs)."""
+        router = self.router
+        request_id = stream.request_id
+        tokens = stream.output_token_ids
+        stream.stopped_at = router.clock()
+        stream.worker_id = dst  # from now on, outputs from src are dropped
+        router.slots[src].requests.discard(request_id)
+        router.slots[dst].requests.add(request_id)
+        stream.num_moves += 1
+        with contextlib.suppress(WorkerDiedError):  # if so, it is gone there anyway
+            await router.slots[src].handle.call(AbortRequest(request_id, "migrated"))
+        try:
+            await router.slots[dst].handle.call(AddRequest(stream.resubmission(tokens)))
+        except WorkerDiedError as exc:
+            router.slots[dst].requests.discard(request_id)
+            await router._worker_failed(router.slots[dst], str(exc))
+            return {"request_id": request_id, "migrated": False, "error": "destination failed"}
+        router.stats.record_migration(MigrationRecord(kind, src, dst, 0, 0.0, True))
+        return {
+            "request_id": request_id,
+            "migrated": True,
+            "mode": "reprefill",
             "src": src,
             "dst": dst,
             "tokens_at_stop": len(tokens),

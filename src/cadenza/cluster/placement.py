@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from cadenza.cluster.kv_index import KVIndex, PrefixHits
 from cadenza.core.hashing import BlockHash
 
-POLICY_NAMES = ("round-robin", "least-loaded", "sticky", "kv-aware", "symphony")
+POLICY_NAMES = ("round-robin", "least-loaded", "sticky", "kv-aware", "symphony", "mell")
 
 
 @dataclass(frozen=True)
@@ -58,6 +58,7 @@ class Turn:
     block_keys: tuple[BlockHash, ...]
     num_tokens: int
     block_size: int = 16
+    request_id: str | None = None  # the request being placed (a hint has none)
 
 
 @dataclass(frozen=True)
@@ -252,6 +253,10 @@ _POLICIES: dict[str, type[PlacementPolicy]] = {
 
 
 def make_policy(name: str, index: KVIndex, costs: CostParams | None = None) -> PlacementPolicy:
+    if name == "mell":  # MELL's packer lives in its own modules (they import this one)
+        from cadenza.cluster.mell import Mell
+
+        return Mell(index, costs)
     try:
         return _POLICIES[name](index, costs)
     except KeyError:

@@ -18,7 +18,6 @@ import contextlib
 import os
 import signal
 from collections.abc import Callable
-from dataclasses import replace
 from typing import Any
 
 import ray
@@ -30,6 +29,7 @@ from cadenza.cluster.worker_handle import (
     WorkerHandle,
     run_export,
     run_import,
+    worker_config,
 )
 from cadenza.cluster.worker_loop import WorkerBatch, WorkerInfo, WorkerLoop
 from cadenza.config import EngineConfig
@@ -125,7 +125,7 @@ def start_workers(
     threads_per_worker: int = 1,
     address: str | None = None,
     source_factory: Callable[[], Any] | None = None,
-    worker_config: Callable[[int, EngineConfig], EngineConfig] | None = None,
+    configure: Callable[[int, EngineConfig], EngineConfig] | None = None,
 ) -> list[RayWorker]:
     """Start (or join, with ``address``) a Ray cluster and one actor per worker. Each worker
     gets its own disk-tier directory (``<kv_disk_path>/<worker id>``) so a restarted worker
@@ -146,16 +146,9 @@ def start_workers(
     handles = []
     for i in range(num_workers):
         worker_id = f"w{i}"
-        cfg = replace(config, num_threads=threads_per_worker)
-        if cfg.cache.kv_disk_path:
-            cfg = replace(
-                cfg,
-                cache=replace(
-                    cfg.cache, kv_disk_path=os.path.join(cfg.cache.kv_disk_path, worker_id)
-                ),
-            )
-        if worker_config is not None:
-            cfg = worker_config(i, cfg)
+        cfg = worker_config(config, worker_id, threads_per_worker)
+        if configure is not None:
+            cfg = configure(i, cfg)
         actor = actor_class.options(
             num_cpus=0,
             max_restarts=-1,

@@ -56,6 +56,7 @@ from cadenza.server.worker_header import set_worker
 
 log = logging.getLogger("cadenza.router")
 
+
 class NoWorkerError(RuntimeError):
     """No worker is alive and accepting work (retry later)."""
 
@@ -80,11 +81,15 @@ class WorkerSlot:
         return self.state in ("alive", "draining", "drained")
 
     def view(self) -> WorkerView:
+        """The policy's view: the last load snapshot, counting requests placed since then
+        as waiting (so a burst between two pulls does not all land on one worker)."""
         load = self.load
+        running = load.num_running if load else 0
+        waiting = max(load.num_waiting if load else 0, len(self.requests) - running, 0)
         return WorkerView(
             self.worker_id,
-            num_running=load.num_running if load else 0,
-            num_waiting=max(load.num_waiting if load else 0, 0),
+            num_running=running,
+            num_waiting=waiting,
             waiting_tokens=load.num_waiting_tokens if load else 0,
             free_blocks=load.device_blocks_free if load else 0,
             total_blocks=load.device_blocks_total if load else 0,
@@ -93,7 +98,7 @@ class WorkerSlot:
 
     @property
     def outstanding(self) -> int:
-        return max(len(self.requests), self.view().outstanding)
+        return self.view().outstanding
 
 
 class ClusterEngine:
@@ -112,6 +117,7 @@ class ClusterEngine:
         default_hint_ttl_s: float = 60.0,
         rejoin_poll_s: float = 1.0,
         failover_wait_s: float = 120.0,
+        epoch_s: float = 0.5,
         costs: CostParams | None = None,
     ) -> None:
         self.config = config
@@ -121,6 +127,7 @@ class ClusterEngine:
         self.max_waiting = max_waiting
         self.pull_timeout_s = pull_timeout_s
         self.rejoin_poll_s = rejoin_poll_s
+        self.epoch_s = epoch_s
         self.failover_wait_s = failover_wait_s
         self.block_size = config.cache.block_size
         first = infos[0]
@@ -230,13 +237,38 @@ class ClusterEngine:
             )
         if output.finished:
             slot.requests.discard(stream.request_id)
+            self._request_done(stream.request_id)
         stream.loop.call_soon_threadsafe(stream.queue.put_nowait, merged)
         return merged
 
     async def _housekeeping(self) -> None:
+        """Once per epoch: expire hints; with a packing policy (MELL), report how running
+        requests grew and carry out the epoch's migrations."""
         while self._running:
-            await asyncio.sleep(0.5)
+            await asyncio.sleep(self.epoch_s)
             self.migrations.expire_hints(self.clock())
+            if hasattr(self.policy, "drain_migrations"):
+                try:
+                    await self._pack_epoch()
+                except Exception:
+                    log.exception("packing epoch failed")
+
+    async def _pack_epoch(self) -> None:
+        policy: Any = self.policy
+        for stream in list(self._streams.values()):
+            if stream.worker_id is not None and not stream.finished:
+                total = len(stream.prompt_token_ids) + stream.sent_tokens
+                policy.on_grow(stream.request_id, -(-total // self.block_size))
+        for move in policy.drain_migrations():
+            if move.request_id in self._streams and move.dst in self.slots:
+                await self.migrations.live_migrate(
+                    move.request_id, move.dst, kind="pack", transfer=move.mode == "transfer"
+                )
+
+    def _request_done(self, request_id: str) -> None:
+        done = getattr(self.policy, "on_finish", None)
+        if done is not None:
+            done(request_id)
 
     # ------------------------------------------------------------------ placement
     def live_slots(self, exclude: Sequence[str] = ()) -> list[WorkerSlot]:
@@ -246,10 +278,14 @@ class ClusterEngine:
         return [s.view() for s in self.live_slots(exclude)]
 
     def turn_of(
-        self, session_id: str | None, token_ids: Sequence[int], cache_salt: str | None
+        self,
+        session_id: str | None,
+        token_ids: Sequence[int],
+        cache_salt: str | None,
+        request_id: str | None = None,
     ) -> Turn:
         keys = block_keys(token_ids, self.block_size, self.fingerprint, cache_salt)
-        return Turn(session_id, tuple(keys), len(token_ids), self.block_size)
+        return Turn(session_id, tuple(keys), len(token_ids), self.block_size, request_id)
 
     def _prompt_ids(self, request: EngineRequest) -> tuple[int, ...]:
         if isinstance(request.prompt, str):
@@ -263,7 +299,7 @@ class ClusterEngine:
     ) -> Placement:
         """Choose a worker (moving the KV first when the policy says so) and submit."""
         tokens = stream.prompt_token_ids + tuple(request.resume_token_ids)
-        turn = self.turn_of(request.session_id, tokens, request.cache_salt)
+        turn = self.turn_of(request.session_id, tokens, request.cache_salt, request.request_id)
         hint = self.migrations.take_hint(request.session_id) if not stream.num_moves else None
         if hint is not None:
             await self.migrations.wait_for_hint(hint, turn)
@@ -296,6 +332,10 @@ class ClusterEngine:
                 await slot.handle.call(AddRequest(request))
             except WorkerDiedError as exc:
                 slot.requests.discard(stream.request_id)
+                if stream.worker_id is None:
+                    # The failure was noticed meanwhile and the request is being failed over
+                    # (``_fail_over``): one resubmission, not two.
+                    return placement
                 stream.worker_id = None
                 await self._worker_failed(slot, str(exc))
                 failed.append(slot.worker_id)
@@ -344,6 +384,7 @@ class ClusterEngine:
                 self._abort_on_worker(stream, "client")
 
     def _abort_on_worker(self, stream: ClusterStream, reason: str) -> None:
+        self._request_done(stream.request_id)
         slot = self.slots.get(stream.worker_id or "")
         if slot is None:
             return
@@ -424,6 +465,9 @@ class ClusterEngine:
         self.stats.worker_failures += 1
         self.index.forget(slot.worker_id)
         self.migrations.worker_lost(slot.worker_id)
+        lost = getattr(self.policy, "on_worker_lost", None)
+        if lost is not None:
+            lost(slot.worker_id)
         orphans = [self._streams[r] for r in list(slot.requests) if r in self._streams]
         slot.requests.clear()
         for stream in orphans:
@@ -497,6 +541,8 @@ class ClusterEngine:
         return {"worker_id": worker_id, "state": slot.state}
 
     def describe_workers(self) -> list[dict[str, Any]]:
+        releasable_of = getattr(self.policy, "releasable_workers", None)
+        idle = set(releasable_of()) if releasable_of is not None else set()
         out = []
         for slot in self.slots.values():
             load = slot.load
@@ -507,6 +553,8 @@ class ClusterEngine:
                     "object": "cluster.worker",
                     "pid": info.pid if info else None,
                     "state": slot.state,
+                    "releasable": slot.state == "drained"
+                    or (slot.worker_id in idle and not slot.requests),
                     "failures": slot.failures,
                     "load": {
                         "running": load.num_running if load else 0,

@@ -13,14 +13,27 @@ A handle whose worker died raises ``WorkerDiedError`` from every call until the 
 from __future__ import annotations
 
 import asyncio
+import os
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from cadenza.cluster.worker_loop import WorkerBatch, WorkerInfo, WorkerLoop
+from cadenza.config import EngineConfig
 from cadenza.engine_api import AbortRequest, EngineCommand, ExportKV, ImportKV, ImportResult
 from cadenza.kvstore.kv_export import KVExport
+
+
+def worker_config(config: EngineConfig, worker_id: str, threads: int | None = None) -> EngineConfig:
+    """A worker's engine config: its own disk-tier directory (``<kv_disk_path>/<worker id>``,
+    so a restarted worker finds its own blocks again) and its torch threads."""
+    cache = config.cache
+    if cache.kv_disk_path:
+        cache = replace(cache, kv_disk_path=os.path.join(cache.kv_disk_path, worker_id))
+    if threads is not None:
+        config = replace(config, num_threads=threads)
+    return replace(config, cache=cache)
 
 
 class WorkerDiedError(RuntimeError):

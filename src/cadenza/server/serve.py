@@ -195,25 +195,19 @@ def check_cluster_args(args: argparse.Namespace) -> None:
 def start_cluster(args: argparse.Namespace, config: EngineConfig) -> Any:
     """Start the workers and the router over them (``ClusterEngine``)."""
     import asyncio
-    from dataclasses import replace
 
     from cadenza.cluster.router import ClusterEngine
 
     if args.cluster_backend == "local":
-        from cadenza.cluster.worker_handle import LocalWorker
+        from cadenza.cluster.worker_handle import LocalWorker, worker_config
         from cadenza.engine import LLMEngine
-
-        def worker_config(i: int) -> EngineConfig:
-            cache = config.cache
-            if cache.kv_disk_path:
-                cache = replace(cache, kv_disk_path=str(Path(cache.kv_disk_path) / f"w{i}"))
-            return replace(config, cache=cache)
 
         def factory(cfg: EngineConfig) -> Any:
             return lambda: LLMEngine(cfg)
 
         handles: list[Any] = [
-            LocalWorker(f"w{i}", factory(worker_config(i))) for i in range(args.workers)
+            LocalWorker(f"w{i}", factory(worker_config(config, f"w{i}")))
+            for i in range(args.workers)
         ]
     else:
         from cadenza.cluster.ray_backend import start_workers
