@@ -31,6 +31,13 @@ TORCH_FREE = [
     "cadenza.kvstore.kv_export",
     "cadenza.cluster.kv_index",
     "cadenza.cluster.placement",
+    "cadenza.cluster.mell",
+    "cadenza.cluster.router",
+    "cadenza.cluster.migrations",
+    "cadenza.cluster.worker_handle",
+    "cadenza.cluster.worker_loop",
+    "cadenza.server.routes_cluster",
+    "cadenza.server.cluster_metrics",
     "cadenza.sim.trace",
     "cadenza.sim.converters.sharegpt",
     "cadenza.sim.converters.mooncake",
@@ -66,3 +73,15 @@ def test_no_wall_clock_in_the_core():
             if WALL_CLOCK.search(line):
                 offenders.append(f"{path.name}:{number}: {line.strip()}")
     assert not offenders, "\n".join(offenders)
+
+
+RAY_IMPORT = re.compile(r"^\s*(import ray\b|from ray\b)", re.MULTILINE)
+
+
+def test_only_the_ray_backend_imports_ray():
+    importers = sorted(
+        str(path.relative_to(SRC))
+        for path in SRC.rglob("*.py")
+        if RAY_IMPORT.search(path.read_text())
+    )
+    assert importers == ["cluster/ray_backend.py"], importers
