@@ -83,6 +83,7 @@ class Migrations:
         )
         if result.imported is not None:
             self._index_import(dst, command, result)
+            router.observe_link(result.num_bytes, elapsed)
         return result
 
     def _index_import(self, dst: str, command: Any, result: MoveResult) -> None:

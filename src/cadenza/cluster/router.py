@@ -27,7 +27,7 @@ import itertools
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from cadenza.cluster.cluster_stats import ClusterStats
@@ -269,6 +269,16 @@ class ClusterEngine:
         done = getattr(self.policy, "on_finish", None)
         if done is not None:
             done(request_id)
+
+    def observe_link(self, num_bytes: int, seconds: float) -> None:
+        """A migration moved ``num_bytes`` in ``seconds``: update the link bandwidth the
+        policy weighs moving KV against recomputing it with (an exponential mean)."""
+        if num_bytes < (1 << 20) or seconds <= 0:
+            return  # too small to say anything about bandwidth
+        measured = num_bytes / seconds
+        old = self.costs.link_bytes_per_s
+        self.costs = replace(self.costs, link_bytes_per_s=0.7 * old + 0.3 * measured)
+        self.policy.costs = self.costs
 
     # ------------------------------------------------------------------ placement
     def live_slots(self, exclude: Sequence[str] = ()) -> list[WorkerSlot]:
