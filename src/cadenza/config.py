@@ -221,6 +221,13 @@ class EngineConfig:
         "recompute cost profile for cost-aware eviction: profile measures this engine at "
         "start; linear uses a fixed shape (fast start)",
     )
+    tool_call_parser: Literal["auto", "hermes", "llama3_json", "mistral"] = knob(
+        "auto",
+        "how tool calls are written and parsed (vLLM's names): hermes (<tool_call>{json}"
+        "</tool_call>: Qwen2.5/3, Hermes, and the prompt given to templates without tools), "
+        "llama3_json (Llama 3.1+), mistral ([TOOL_CALLS][...]); auto picks from the chat "
+        "template",
+    )
     profile_cache_dir: str | None = knob(
         None,
         "where the measured cost profile is cached per model and machine, so later starts skip "

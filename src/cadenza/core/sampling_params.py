@@ -9,6 +9,8 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass
 
+from cadenza.structured.spec import StructuredOutput
+
 # Temperatures below this are treated as greedy decoding (same threshold as vLLM).
 GREEDY_EPS = 1e-5
 MAX_LOGPROBS = 20
@@ -37,7 +39,8 @@ class SamplingParams:
     Only ``n == 1`` is supported. ``top_k`` 0 or -1 disables top-k; ``max_tokens=None`` means
     "up to the context limit"; ``logprobs`` is the number of top alternatives returned for each
     sampled token (0 = only the sampled token's own logprob). After construction ``stop`` and
-    ``stop_token_ids`` are tuples.
+    ``stop_token_ids`` are tuples. ``structured_output`` constrains the text to a grammar (JSON
+    schema, JSON object, Lark or regex), enforced on the logits of every sampled token.
     """
 
     n: int = 1
@@ -57,11 +60,15 @@ class SamplingParams:
     logprobs: int | None = None
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
+    structured_output: StructuredOutput | None = None
 
     def __post_init__(self) -> None:
         self._validate_counts()
         self._validate_floats()
         self._normalise_stops()
+        spec = self.structured_output
+        if spec is not None and not isinstance(spec, StructuredOutput):
+            raise _bad("structured_output", spec, "a StructuredOutput or None")
 
     def _validate_counts(self) -> None:
         _check_int("n", self.n, "1 (only n=1 is supported)")

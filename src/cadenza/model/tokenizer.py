@@ -352,14 +352,18 @@ class Tokenizer:
     # -- chat -----------------------------------------------------------------------------------
 
     def apply_chat_template(
-        self, messages: list[dict[str, Any]], add_generation_prompt: bool = True
+        self,
+        messages: list[dict[str, Any]],
+        add_generation_prompt: bool = True,
+        tools: list[dict[str, Any]] | None = None,
     ) -> str:
-        """Render ``messages`` with the model's chat template, as transformers would."""
+        """Render ``messages`` (and ``tools``, for templates that use them) with the model's
+        chat template, as transformers would."""
         messages = _validate_messages(messages)
         template = _compile_template(self.chat_template or CHATML_TEMPLATE)
         return template.render(
             messages=messages,
-            tools=None,
+            tools=tools or None,
             documents=None,
             add_generation_prompt=add_generation_prompt,
             bos_token=self._token(self.bos_token_id) or "",
@@ -369,10 +373,13 @@ class Tokenizer:
         )
 
     def encode_chat(
-        self, messages: list[dict[str, Any]], add_generation_prompt: bool = True
+        self,
+        messages: list[dict[str, Any]],
+        add_generation_prompt: bool = True,
+        tools: list[dict[str, Any]] | None = None,
     ) -> list[int]:
         """Token ids of the rendered chat. The template writes any BOS itself, so none is added."""
-        return self.encode(self.apply_chat_template(messages, add_generation_prompt))
+        return self.encode(self.apply_chat_template(messages, add_generation_prompt, tools))
 
     # -- helpers --------------------------------------------------------------------------------
 

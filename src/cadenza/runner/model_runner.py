@@ -14,6 +14,7 @@ from cadenza.model.source import ModelSource
 from cadenza.runner.attention_backend import select_attention
 from cadenza.runner.attention_metadata import AttentionMetadata
 from cadenza.runner.sampler import SamplingBatch, sample
+from cadenza.structured.matchers import GrammarMatchers
 
 
 def resolve_device(name: str) -> torch.device:
@@ -57,6 +58,20 @@ class ModelRunner:
         self.kv_caches = torch.zeros(
             self._kv_shape(self.num_blocks), dtype=self.dtype, device=self.device
         )
+        self.tokenizer = source.tokenizer
+        self._grammars: GrammarMatchers | None = None  # built at the first constrained request
+
+    def grammar_matchers(self) -> GrammarMatchers:
+        """The structured-output matchers (one llguidance tokenizer built on first use)."""
+        if self._grammars is None:
+            if self.tokenizer is None:
+                raise ValueError("structured output needs the model's tokenizer")
+            self._grammars = GrammarMatchers(
+                self.tokenizer.backend.to_str(),
+                self.model_config.vocab_size,
+                self.tokenizer.eos_token_ids,
+            )
+        return self._grammars
 
     def _kv_shape(self, num_blocks: int) -> tuple[int, ...]:
         c = self.model_config
@@ -119,6 +134,12 @@ class ModelRunner:
             prompt_token_ids=[r.prompt_token_ids for r in sampling],
             eos_token_ids=sampling[0].eos_token_ids,
         )
+        if self._grammars is not None or any(
+            r.sampling_params.structured_output for r in sampling
+        ):
+            masks = self.grammar_matchers().masks(sampling)
+            if masks is not None:
+                batch.mask_rows, batch.token_bitmask = masks.rows, masks.bitmask
         result = sample(logits, batch)
         tokens = result.token_ids.tolist()
         logprobs = result.logprobs.tolist()

@@ -1,8 +1,9 @@
 """Batched token sampling for one engine step, following vLLM's semantics.
 
 Pipeline per row: raw logprobs (from the unmodified logits) -> repetition / frequency / presence
-penalties -> min_tokens blocking of stop ids -> greedy argmax, or temperature -> top-k ->
-softmax -> top-p -> min-p -> exponential-race draw (argmax of probs / q, q ~ Exp(1)).
+penalties -> grammar bitmask (structured output) -> min_tokens blocking of stop ids -> greedy
+argmax, or temperature -> top-k -> softmax -> top-p -> min-p -> exponential-race draw
+(argmax of probs / q, q ~ Exp(1)).
 Everything is vectorised across rows; the only per-row Python work is the noise draw of seeded
 rows, which use a private generator seeded from (seed, step) so that their tokens do not depend
 on batch composition or order.
@@ -14,6 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import chain
 
+import numpy as np
 import torch
 
 from cadenza.core.sampling_params import SamplingParams
@@ -31,6 +33,10 @@ class SamplingBatch:
     output_token_ids: list[list[int]]  # generated so far: penalties, min_tokens, seed step
     prompt_token_ids: list[list[int]]  # repetition penalty covers prompt + output (vLLM / HF)
     eos_token_ids: tuple[int, ...]  # blocked with stop_token_ids while below min_tokens
+    # Structured output: rows ``mask_rows`` may only sample the tokens whose bit is set in the
+    # matching row of ``token_bitmask`` ([len(mask_rows), ceil(vocab / 32)] int32).
+    mask_rows: list[int] | None = None
+    token_bitmask: np.ndarray | None = None
 
 
 @dataclass
@@ -121,8 +127,9 @@ def _block_stop_ids(x: torch.Tensor, batch: SamplingBatch, owned: bool) -> torch
     rows: list[int] = []
     toks: list[int] = []
     vocab = x.shape[1]
+    grammar_rows = set(batch.mask_rows or ())  # a finished grammar allows only the end
     for i, p in enumerate(batch.params):
-        if len(batch.output_token_ids[i]) >= p.min_tokens:
+        if len(batch.output_token_ids[i]) >= p.min_tokens or i in grammar_rows:
             continue
         ids = set(p.stop_token_ids) | (set() if p.ignore_eos else set(batch.eos_token_ids))
         for t in sorted(ids):
@@ -133,6 +140,23 @@ def _block_stop_ids(x: torch.Tensor, batch: SamplingBatch, owned: bool) -> torch
         return x
     x = x if owned else x.clone()
     x[torch.tensor(rows, device=x.device), torch.tensor(toks, device=x.device)] = -float("inf")
+    return x
+
+
+def _apply_bitmask(x: torch.Tensor, batch: SamplingBatch, owned: bool) -> torch.Tensor:
+    """-inf on the tokens a row's grammar does not allow. Only the constrained rows are
+    unpacked (one shift-and-test over their [rows, vocab] bits), so unconstrained batches pay
+    nothing."""
+    if batch.token_bitmask is None or not batch.mask_rows:
+        return x
+    vocab = x.shape[1]
+    words = np.ascontiguousarray(batch.token_bitmask, dtype="<i4")
+    # Bit t % 32 of little-endian word t // 32 is bit t of the byte string, LSB first.
+    bits = np.unpackbits(words.view(np.uint8), axis=1, bitorder="little")[:, :vocab]
+    banned = torch.from_numpy(bits == 0).to(x.device)
+    x = x if owned else x.clone()
+    rows = torch.tensor(batch.mask_rows, device=x.device)
+    x[rows] = x[rows].masked_fill_(banned, -float("inf"))
     return x
 
 
@@ -242,6 +266,7 @@ def sample(logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
         raise ValueError(f"SamplingBatch has {len(batch.params)} rows, logits have {n}")
     raw = logits.float()
     x = _apply_penalties(raw, batch)
+    x = _apply_bitmask(x, batch, owned=x is not raw)
     x = _block_stop_ids(x, batch, owned=x is not raw)
 
     greedy = [p.is_greedy for p in batch.params]

@@ -5,7 +5,9 @@ earlier replies as text. Re-tokenising that text need not give back the ids the 
 (BPE merges differ across a reply's boundaries), and one differing token breaks the prefix
 match for everything after it. So the server remembers, per tenant, the ids behind each reply it
 generated, and rebuilds the prompt turn by turn the way a session does: template delta of the
-messages up to each remembered reply, then that reply's exact ids.
+messages up to each remembered reply, then that reply's exact ids. A reply that called tools
+comes back as ``tool_calls`` (content null): it is remembered under its call ids, which the
+client sends back unchanged.
 """
 
 from __future__ import annotations
@@ -17,6 +19,18 @@ from collections.abc import Sequence
 from typing import Any
 
 from cadenza.session.manager import SessionManager
+from cadenza.tools.template import ToolContext
+
+
+def reply_key(message: dict[str, Any]) -> str | None:
+    """What identifies an assistant reply when a client sends it back: its tool call ids
+    when it made calls, else its text."""
+    calls = message.get("tool_calls")
+    if calls:
+        ids = [c.get("id") or "" for c in calls if isinstance(c, dict)]
+        return "\0tool_calls:" + ",".join(ids) if all(ids) else None
+    content = message.get("content")
+    return content if isinstance(content, str) else None
 
 
 class GenerationMemory:
@@ -58,13 +72,20 @@ def conversation_token_ids(
     messages: list[dict[str, Any]],
     memory: GenerationMemory,
     tenant: str,
+    tools: ToolContext | None = None,
 ) -> list[int]:
     """The prompt for ``messages`` (generation prompt appended), with every assistant reply
     this server generated for ``tenant`` spliced in as its exact token ids."""
+    if tools is not None:
+        messages = tools.with_prompt(messages)
+    template_tools = tools.template_tools() if tools is not None else None
     try:
-        return _spliced(sessions, messages, memory, tenant)
+        return _spliced(sessions, messages, memory, tenant, tools)
     except ValueError:  # the template rewrites earlier turns: render the whole conversation
-        return sessions.require_tokenizer().encode_chat(messages, add_generation_prompt=True)
+        rendered = [tools.convert(m) for m in messages] if tools is not None else messages
+        return sessions.require_tokenizer().encode_chat(
+            rendered, add_generation_prompt=True, tools=template_tools
+        )
 
 
 def _spliced(
@@ -72,19 +93,20 @@ def _spliced(
     messages: list[dict[str, Any]],
     memory: GenerationMemory,
     tenant: str,
+    tools: ToolContext | None,
 ) -> list[int]:
+    template_tools = tools.template_tools() if tools is not None else None
     tokens: list[int] = []
     prior: list[dict[str, Any]] = []
     pending: list[dict[str, Any]] = []
     for message in messages:
-        content = message.get("content")
-        ids = None
-        if message.get("role") == "assistant" and isinstance(content, str) and pending:
-            ids = memory.lookup(tenant, content)
+        key = reply_key(message) if message.get("role") == "assistant" else None
+        ids = memory.lookup(tenant, key) if key is not None and pending else None
+        rendered = tools.convert(message) if tools is not None else message
         if ids is None:
-            pending.append(message)
+            pending.append(rendered)
             continue
-        tokens += sessions.template_delta(prior, pending, tokens) + ids
-        prior += pending + [message]
+        tokens += sessions.template_delta(prior, pending, tokens, template_tools) + ids
+        prior += pending + [rendered]
         pending = []
-    return tokens + sessions.template_delta(prior, pending, tokens)
+    return tokens + sessions.template_delta(prior, pending, tokens, template_tools)

@@ -7,6 +7,7 @@ import time
 from typing import Any
 
 from cadenza.outputs import CompletionOutput, Logprob, RequestOutput
+from cadenza.tools.parsers import ParsedOutput, ToolCall
 
 
 def usage(output: RequestOutput) -> dict[str, Any]:
@@ -85,10 +86,36 @@ def _finite(x: float) -> float:
     return x if x == x and abs(x) != float("inf") else -9999.0
 
 
+def tool_call(call: ToolCall, index: int | None = None) -> dict[str, Any]:
+    """A call in a message (``index`` None) or in a stream delta."""
+    body: dict[str, Any] = {
+        "id": call.id,
+        "type": "function",
+        "function": {"name": call.name, "arguments": call.arguments},
+    }
+    return body if index is None else {"index": index, **body}
+
+
+def finish_reason(completion: CompletionOutput, made_calls: bool) -> str | None:
+    """OpenAI's ``tool_calls`` when a reply that ended on its own made calls."""
+    reason = completion.finish_reason
+    return "tool_calls" if made_calls and reason == "stop" else reason
+
+
 def chat_completion(
-    request_id: str, model: str, output: RequestOutput, top_n: int, session_id: str | None
+    request_id: str,
+    model: str,
+    output: RequestOutput,
+    top_n: int,
+    session_id: str | None,
+    parsed: ParsedOutput | None = None,
 ) -> dict[str, Any]:
+    """A chat completion; ``parsed`` splits the reply into content and tool calls."""
     completion = output.outputs[0]
+    message: dict[str, Any] = {"role": "assistant", "content": completion.text}
+    if parsed is not None and parsed.calls:
+        message["content"] = parsed.content or None
+        message["tool_calls"] = [tool_call(c) for c in parsed.calls]
     body: dict[str, Any] = {
         "id": request_id,
         "object": "chat.completion",
@@ -97,9 +124,9 @@ def chat_completion(
         "choices": [
             {
                 "index": 0,
-                "message": {"role": "assistant", "content": completion.text},
+                "message": message,
                 "logprobs": chat_logprobs(completion, 0, top_n),
-                "finish_reason": completion.finish_reason,
+                "finish_reason": finish_reason(completion, bool(parsed and parsed.calls)),
             }
         ],
         "usage": usage(output),

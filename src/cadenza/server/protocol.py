@@ -3,6 +3,7 @@
 Field names and ranges follow the OpenAI API; the extensions are vLLM's (``top_k``, ``min_p``,
 ``repetition_penalty``, ``ignore_eos``) and Cadenza's (``session_id``, ``retention``). Unknown
 fields are accepted and ignored, as OpenAI-compatible servers do, so newer SDKs keep working.
+Tools, ``tool_choice`` and ``response_format`` are validated by ``server/tool_requests.py``.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from cadenza.core.sampling_params import MAX_LOGPROBS, SamplingParams
+from cadenza.tools.spec import arguments_object
 
 # OpenAI's default for /v1/completions when max_tokens is absent or null (chat has none).
 DEFAULT_COMPLETION_MAX_TOKENS = 16
@@ -26,10 +28,23 @@ class TextPart(_Body):
     text: str
 
 
+class FunctionCallBody(_Body):
+    name: str
+    arguments: str | dict[str, Any] = "{}"
+
+
+class ToolCallBody(_Body):
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: FunctionCallBody
+
+
 class ChatMessage(_Body):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCallBody] | None = None
+    tool_call_id: str | None = None
 
     def text(self) -> str:
         if self.content is None:
@@ -41,7 +56,25 @@ class ChatMessage(_Body):
     def as_template_message(self) -> dict[str, Any]:
         # The template sees "system" for OpenAI's newer "developer" role.
         role = "system" if self.role == "developer" else self.role
-        return {"role": role, "content": self.text()}
+        message: dict[str, Any] = {"role": role, "content": self.text()}
+        if self.tool_calls:
+            # Templates (as transformers passes them) take the arguments as an object.
+            message["tool_calls"] = [
+                {
+                    "id": call.id,
+                    "type": "function",
+                    "function": {
+                        "name": call.function.name,
+                        "arguments": arguments_object(call.function.arguments),
+                    },
+                }
+                for call in self.tool_calls
+            ]
+        if self.role == "tool":
+            message["tool_call_id"] = self.tool_call_id
+            if self.name:
+                message["name"] = self.name
+        return message
 
 
 class StreamOptions(_Body):
@@ -96,6 +129,10 @@ class ChatCompletionRequest(_SamplingFields):
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    tools: list[Any] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+    response_format: dict[str, Any] | None = None
 
     def to_sampling_params(self) -> SamplingParams:
         limit = self.max_completion_tokens or self.max_tokens

@@ -10,6 +10,8 @@ from typing import Any
 from cadenza.outputs import RequestOutput
 from cadenza.server.errors import APIError
 from cadenza.server.response_store import new_id
+from cadenza.tools.parsers import ToolCall
+from cadenza.tools.spec import arguments_object
 
 _ROLES = ("user", "assistant", "system", "developer")
 _TEXT_PARTS = ("input_text", "output_text", "text", "refusal")
@@ -28,11 +30,14 @@ def parse_items(value: str | list[Any] | None, param: str = "input") -> list[dic
         if not isinstance(raw, dict):
             raise APIError(400, f"{where} must be an object", param=where)
         kind = raw.get("type", "message")
+        if kind in ("function_call", "function_call_output"):
+            items.append(_tool_item(kind, raw, where))
+            continue
         if kind != "message":
             raise APIError(
                 400,
-                f"{where}: item type {kind!r} is not supported; this server takes message items"
-                " (it runs no tools)",
+                f"{where}: item type {kind!r} is not supported; send message, function_call"
+                " or function_call_output items",
                 param=where,
             )
         role = raw.get("role")
@@ -54,6 +59,62 @@ def parse_items(value: str | list[Any] | None, param: str = "input") -> list[dic
             }
         )
     return items
+
+
+def _tool_item(kind: str, raw: dict[str, Any], where: str) -> dict[str, Any]:
+    """A function call the model made (replayed by the client) or its result."""
+    call_id = raw.get("call_id")
+    if not isinstance(call_id, str) or not call_id:
+        raise APIError(400, f"{where}.call_id must be a non-empty string", param=where)
+    if kind == "function_call_output":
+        output = raw.get("output")
+        if not isinstance(output, str):
+            output = _content_text(output, f"{where}.output")
+        return {
+            "type": kind,
+            "id": new_id("fco"),
+            "call_id": call_id,
+            "output": output,
+            "status": "completed",
+        }
+    name, arguments = raw.get("name"), raw.get("arguments", "{}")
+    if not isinstance(name, str) or not isinstance(arguments, str):
+        raise APIError(400, f"{where} needs a string name and string arguments", param=where)
+    return function_call_item(ToolCall(name, arguments, call_id))
+
+
+def function_call_item(call: ToolCall, status: str = "completed") -> dict[str, Any]:
+    return {
+        "type": "function_call",
+        "id": "fc_" + call.id.removeprefix("call_"),
+        "call_id": call.id,
+        "name": call.name,
+        "arguments": call.arguments,
+        "status": status,
+    }
+
+
+def template_messages(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Stored items as chat-template messages: consecutive function calls become one assistant
+    message with ``tool_calls``, their outputs ``tool`` messages."""
+    messages: list[dict[str, Any]] = []
+    for item in items:
+        kind = item.get("type", "message")
+        if kind == "function_call":
+            function = {"name": item["name"], "arguments": arguments_object(item["arguments"])}
+            call = {"id": item["call_id"], "type": "function", "function": function}
+            last = messages[-1] if messages else None
+            if last is not None and last["role"] == "assistant" and "tool_calls" in last:
+                last["tool_calls"].append(call)
+            else:
+                messages.append({"role": "assistant", "content": "", "tool_calls": [call]})
+        elif kind == "function_call_output":
+            messages.append(
+                {"role": "tool", "content": item["output"], "tool_call_id": item["call_id"]}
+            )
+        else:
+            messages.append(template_message(item))
+    return messages
 
 
 def _content_text(content: Any, where: str) -> str:

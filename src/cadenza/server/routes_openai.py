@@ -8,6 +8,10 @@ A chat completion runs one of two ways:
   stored transcript are recognised and skipped;
 * without one, the whole conversation is the prompt, with every reply this server generated
   spliced back in as its exact token ids, so the prefix cache still matches.
+
+Tools (``tools``, ``tool_choice``, ``parallel_tool_calls``) are rendered by the chat template
+and the reply is parsed for calls in the model's format (``--tool-call-parser``); ``required``
+or a named function force a call with a grammar, as ``response_format`` forces JSON.
 """
 
 from __future__ import annotations
@@ -24,13 +28,17 @@ from cadenza.core.sampling_params import SamplingParams
 from cadenza.engine_api import EngineRequest
 from cadenza.outputs import RequestOutput
 from cadenza.server import openai_format as fmt
-from cadenza.server.chat_prompt import conversation_token_ids
+from cadenza.server.chat_prompt import conversation_token_ids, reply_key
 from cadenza.server.engine_stream import chain, collect, sse_headers, start_stream
 from cadenza.server.errors import APIError
 from cadenza.server.protocol import ChatCompletionRequest, CompletionRequest
 from cadenza.server.state import ServerState, get_state, scoped_session, tenant_of
+from cadenza.server.tool_requests import chat_response_format, constrained, tool_context
 from cadenza.session.manager import SessionNamespaceError
 from cadenza.session.store import TenantMismatchError, TurnInProgressError
+from cadenza.tools.parsers import ToolCall
+from cadenza.tools.stream import ToolCallStream
+from cadenza.tools.template import ToolContext
 
 router = APIRouter()
 
@@ -53,12 +61,15 @@ def chat_request(
     session_id: str | None,
     tenant: str,
     request_id: str,
+    tools: ToolContext | None = None,
 ) -> EngineRequest:
     """The engine request of a chat completion: a session's next turn (begun in the store
     here), or the whole conversation with this server's replies spliced in as exact ids."""
     messages = [m.as_template_message() for m in body.messages]
     if session_id is None:
-        prompt = conversation_token_ids(state.sessions.manager, messages, state.memory, tenant)
+        prompt = conversation_token_ids(
+            state.sessions.manager, messages, state.memory, tenant, tools
+        )
         return EngineRequest.of(
             request_id, prompt, sampling_params=params, cache_salt=tenant or None
         )
@@ -71,6 +82,7 @@ def chat_request(
             params,
             tenant=tenant,
             retention=retention,
+            tools=tools,
         )
     except TurnInProgressError as exc:
         raise APIError(409, str(exc), param="session_id", code="session_busy") from None
@@ -86,23 +98,38 @@ async def chat_completions(
 ) -> JSONResponse | StreamingResponse:
     state = get_state(request)
     state.check_model(body.model)
-    params = body.to_sampling_params()
+    tools = tool_context(state, body.tools, body.tool_choice, body.parallel_tool_calls)
+    spec = chat_response_format(body.response_format)
+    params = constrained(body.to_sampling_params(), tools, spec)
     session_id = request.headers.get("x-session-id") or body.session_id
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
-    engine_request = chat_request(state, body, params, session_id, tenant, request_id)
+    engine_request = chat_request(state, body, params, session_id, tenant, request_id, tools)
     first, stream = await start_stream(state, engine_request, request)
     top_n = body.top_logprobs or 0
+    parser = tools.parser if tools is not None and tools.active else None
     if not body.stream:
         final = await collect(request, first, stream)
-        _remember(state, tenant, final)
-        return JSONResponse(fmt.chat_completion(request_id, body.model, final, top_n, session_id))
+        parsed = parser.parse(final.outputs[0].text) if parser is not None else None
+        _remember(state, tenant, final, parsed.calls if parsed else [])
+        return JSONResponse(
+            fmt.chat_completion(request_id, body.model, final, top_n, session_id, parsed)
+        )
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
     async def events() -> AsyncIterator[str]:
         created = int(time.time())
-        yield fmt.sse(
-            fmt.chat_chunk(request_id, body.model, created, {"role": "assistant", "content": ""})
-        )
+
+        def chunk(delta: dict[str, Any], **kw: Any) -> str:
+            return fmt.sse(fmt.chat_chunk(request_id, body.model, created, delta, **kw))
+
+        def call_chunks(calls: list[ToolCall], start: int) -> list[str]:
+            return [
+                chunk({"tool_calls": [fmt.tool_call(call, start + i)]})
+                for i, call in enumerate(calls)
+            ]
+
+        yield chunk({"role": "assistant", "content": ""})
+        calls = ToolCallStream(parser) if parser is not None else None
         sent = 0
         final = None
         outputs = chain(first, stream)
@@ -110,17 +137,30 @@ async def chat_completions(
             completion = output.outputs[0]
             logprobs = fmt.chat_logprobs(completion, sent, top_n) if body.logprobs else None
             sent = len(completion.token_ids)
-            if completion.delta_text or logprobs:
-                delta = {"content": completion.delta_text}
-                yield fmt.sse(
-                    fmt.chat_chunk(request_id, body.model, created, delta, logprobs=logprobs)
-                )
+            text, made = completion.delta_text, []
+            if calls is not None:
+                made_before = len(calls.calls)
+                step = calls.feed(text)
+                text, made = step.content, call_chunks(step.calls, made_before)
+            if text or logprobs:
+                yield chunk({"content": text}, logprobs=logprobs)
+            for piece in made:
+                yield piece
             final = output
         if final is None:
             return
-        _remember(state, tenant, final)
-        reason = final.outputs[0].finish_reason
-        yield fmt.sse(fmt.chat_chunk(request_id, body.model, created, {}, reason))
+        made_calls: list[ToolCall] = []
+        if calls is not None:
+            made_before = len(calls.calls)
+            rest = calls.finish()
+            if rest.content:
+                yield chunk({"content": rest.content})
+            for piece in call_chunks(rest.calls, made_before):
+                yield piece
+            made_calls = calls.calls
+        _remember(state, tenant, final, made_calls)
+        reason = fmt.finish_reason(final.outputs[0], bool(made_calls))
+        yield chunk({}, finish_reason=reason)
         if include_usage:
             chunk = fmt.chat_chunk(request_id, body.model, created, {})
             chunk["choices"] = []
@@ -131,10 +171,18 @@ async def chat_completions(
     return StreamingResponse(events(), media_type="text/event-stream", headers=sse_headers())
 
 
-def _remember(state: ServerState, tenant: str, final: RequestOutput) -> None:
+def _remember(state: ServerState, tenant: str, final: RequestOutput, calls: list[ToolCall]) -> None:
+    """Remember the reply's exact token ids under what the client will send back: its text,
+    or its call ids when it made calls."""
     completion = final.outputs[0]
-    if final.session_id is None:
-        state.memory.remember(tenant, completion.text, completion.token_ids)
+    if final.session_id is not None:
+        return
+    message: dict[str, Any] = {"content": completion.text}
+    if calls:
+        message["tool_calls"] = [{"id": c.id} for c in calls]
+    key = reply_key(message)
+    if key is not None:
+        state.memory.remember(tenant, key, completion.token_ids)
 
 
 @router.post("/v1/completions", response_model=None)

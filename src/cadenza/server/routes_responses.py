@@ -22,6 +22,12 @@ when a continuation's instructions differ from those already in effect in its hi
 client that resends the same instructions every turn (the common pattern) therefore adds them
 once; the model keeps seeing earlier instructions, and a change takes effect from that turn.
 
+Tools. ``tools`` (function tools), ``tool_choice`` and ``parallel_tool_calls`` work as in chat
+completions: the reply is parsed into ``function_call`` output items (streamed with
+``response.function_call_arguments.*`` events), and the next response takes the results as
+``function_call_output`` items, continuing the same session (its KV is the cached prefix).
+``text.format`` (``json_object``, ``json_schema``) constrains the reply with a grammar.
+
 Extensions: a response carries ``session_id``, the session holding its history (hint it with
 ``POST /v1/sessions/{id}/hint`` before the next turn), and ``usage.input_tokens_details`` adds
 ``cached_tokens_by_tier`` (where the cached prompt tokens were found: device, host or disk).
@@ -74,8 +80,12 @@ from cadenza.server.response_store import (
     response_store,
 )
 from cadenza.server.state import ServerState, get_state, tenant_of
+from cadenza.server.tool_requests import constrained, text_format, tool_context
 from cadenza.session.manager import Retention
 from cadenza.session.store import TurnInProgressError
+from cadenza.tools.parsers import ParsedOutput, ToolCall
+from cadenza.tools.stream import ToolCallStream
+from cadenza.tools.template import ToolContext
 
 
 @contextlib.asynccontextmanager
@@ -111,6 +121,8 @@ class ResponseCreateRequest(_Body):
     top_p: float | None = Field(None, gt=0, le=1)
     metadata: dict[str, str] | None = None
     tools: list[Any] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
     background: bool | None = None
     text: dict[str, Any] | None = None
     # Extensions: vLLM's sampling knobs, Cadenza's KV retention for the session.
@@ -147,19 +159,13 @@ class ResponseCreateRequest(_Body):
             "temperature": 1.0 if self.temperature is None else self.temperature,
             "top_p": 1.0 if self.top_p is None else self.top_p,
             "metadata": dict(self.metadata or {}),
+            "tools": [_flat_tool(t) for t in self.tools or [] if isinstance(t, dict)],
+            "tool_choice": self.tool_choice or "auto",
+            "parallel_tool_calls": self.parallel_tool_calls is not False,
+            "text": {"format": (self.text or {}).get("format") or {"type": "text"}},
         }
 
     def check_supported(self) -> None:
-        if self.tools:
-            raise APIError(400, "tools are not supported by this server", param="tools")
-        text_format = (self.text or {}).get("format") or {}
-        if isinstance(text_format, dict) and text_format.get("type", "text") != "text":
-            raise APIError(
-                400,
-                f"text.format {text_format.get('type')!r} (structured output) is not supported;"
-                " only plain text",
-                param="text.format",
-            )
         if self.background:
             raise APIError(400, "background responses are not supported", param="background")
         if self.previous_response_id and self.conversation_id:
@@ -168,6 +174,18 @@ class ResponseCreateRequest(_Body):
                 "previous_response_id and conversation cannot be used together",
                 param="conversation",
             )
+
+
+def _flat_tool(tool: dict[str, Any]) -> dict[str, Any]:
+    """A tool as a response object lists it (the Responses API's flat function shape)."""
+    body = tool.get("function", tool)
+    return {
+        "type": "function",
+        "name": body.get("name"),
+        "description": body.get("description"),
+        "parameters": body.get("parameters"),
+        "strict": body.get("strict"),
+    }
 
 
 @dataclass
@@ -189,6 +207,8 @@ class ResponseTurn:
     session_id: str | None = None  # scoped store session, once the turn is queued
     depth: int = 0
     instructions: str | None = None  # in effect in the history after this response
+    tools: ToolContext | None = None
+    params: SamplingParams | None = None  # with the grammar of forced calls / text.format
     lease: _Lease = field(init=False)
 
     def __post_init__(self) -> None:
@@ -245,7 +265,7 @@ class ResponseTurn:
             self.input_items = list(self.new_items)
         if not self.input_items:
             raise APIError(400, "input is required (no pending conversation items)", param="input")
-        messages = [fmt.template_message(item) for item in self.input_items]
+        messages = fmt.template_messages(self.input_items)
         messages, self.instructions = with_instructions(messages, self.body.instructions, in_effect)
         retention = self.body.retention.model_dump() if self.body.retention else None
         sessions = self.state.sessions
@@ -255,11 +275,12 @@ class ResponseTurn:
                 session_id,
                 messages,
                 self.response_id,
-                self.body.sampling_params(),
+                self.sampling_params(),
                 tenant=self.tenant,
                 retention=retention,
                 api="responses",
                 recognise_history=False,
+                tools=self.tools,
             )
         except TurnInProgressError:
             self.lease.unhold()
@@ -299,17 +320,29 @@ class ResponseTurn:
         prior: list[dict[str, Any]] = []
         if session_id is not None and depth:
             tokens, prior = history_upto(sessions.store, session_id, depth, response_id)
-        messages = [fmt.template_message(item) for item in self.input_items]
+        messages = fmt.template_messages(self.input_items)
         messages, self.instructions = with_instructions(messages, self.body.instructions, in_effect)
-        prompt = tokens + sessions.template_delta(prior, messages, tokens)
+        template_tools = None
+        if self.tools is not None:
+            messages = self.tools.prepare(messages, first_turn=not prior)
+            template_tools = self.tools.template_tools()
+        prompt = tokens + sessions.template_delta(prior, messages, tokens, template_tools)
         keep = Retention.parse(self.body.retention.model_dump() if self.body.retention else None)
         return EngineRequest.of(
             self.response_id,
             prompt,
-            sampling_params=self.body.sampling_params(),
+            sampling_params=self.sampling_params(),
             cache_salt=self.tenant or None,
             retention_ttl_s=keep.ttl_s if keep else 0.0,
         )
+
+    def sampling_params(self) -> SamplingParams:
+        return self.params or self.body.sampling_params()
+
+    def parse(self, text: str) -> ParsedOutput:
+        if self.tools is None or not self.tools.active:
+            return ParsedOutput(text, [])
+        return self.tools.parser.parse(text)
 
     # ------------------------------------------------------------------ asyncio side
     def response(
@@ -329,12 +362,17 @@ class ResponseTurn:
             session_id=session,
         )
 
-    def finish(self, final: RequestOutput) -> dict[str, Any]:
-        """The finished response object, stored (with its conversation items) if asked."""
+    def finish(self, final: RequestOutput, parsed: ParsedOutput | None = None) -> dict[str, Any]:
+        """The finished response object, stored (with its conversation items) if asked.
+        ``parsed``: the reply split into text and calls (parsed here when not given)."""
         completion = final.outputs[0]
         status = "incomplete" if completion.finish_reason == "length" else "completed"
-        item = fmt.output_message(self.message_id, completion.text, status)
-        body = self.response(status, [item], final)
+        if parsed is None:
+            parsed = self.parse(completion.text)
+        output = [fmt.function_call_item(call) for call in parsed.calls]
+        if parsed.content or not parsed.calls:
+            output.insert(0, fmt.output_message(self.message_id, parsed.content, status))
+        body = self.response(status, output, final)
         if self.body.store and self.session_id is not None:
             record = StoredResponse(
                 response_id=self.response_id,
@@ -352,7 +390,7 @@ class ResponseTurn:
                 commit = ConversationCommit(
                     self.conversation.conversation_id,
                     self.response_id,
-                    self.new_items + [item],
+                    self.new_items + output,
                     self.instructions,
                 )
             self.store.put_response(record, commit)
@@ -446,8 +484,11 @@ async def create_response(
     state = get_state(request)
     state.check_model(body.model)
     body.check_supported()
+    tools = tool_context(state, body.tools, body.tool_choice, body.parallel_tool_calls)
+    params = constrained(body.sampling_params(), tools, text_format(body.text))
     store = response_store(state)
     turn = ResponseTurn(state, store, tenant, body, fmt.parse_items(body.input))
+    turn.tools, turn.params = tools, params
     if body.previous_response_id:
         turn.previous = store.get_response(body.previous_response_id, tenant)
         if turn.previous is None:
@@ -482,26 +523,75 @@ async def create_response(
 async def _events(
     turn: ResponseTurn, first: RequestOutput | None, stream: AsyncIterator[RequestOutput]
 ) -> AsyncIterator[str]:
-    """The Responses streaming events, in OpenAI's order, each with a sequence number."""
+    """The Responses streaming events, in OpenAI's order, each with a sequence number. With
+    tools the message item is announced only once text comes, and each function call is sent
+    as its own item when complete."""
     counter = itertools.count()
     mid = turn.message_id
+    where = {"item_id": mid, "output_index": 0, "content_index": 0}
+    calls = ToolCallStream(turn.tools.parser) if turn.tools and turn.tools.active else None
+    indexes = itertools.count()
+    opened = False
 
     def event(kind: str, **fields: Any) -> str:
         return fmt.sse_event(kind, next(counter), fields)
 
+    def open_message() -> list[str]:
+        nonlocal opened
+        if opened:
+            return []
+        opened = True
+        where["output_index"] = next(indexes)
+        item = fmt.output_message(mid, None, "in_progress")
+        return [
+            event("response.output_item.added", output_index=where["output_index"], item=item),
+            event("response.content_part.added", **where, part=fmt.output_text_part("")),
+        ]
+
+    def text_events(delta: str) -> list[str]:
+        if not delta:
+            return []
+        return [
+            *open_message(),
+            event("response.output_text.delta", **where, delta=delta, logprobs=[]),
+        ]
+
+    def call_events(made: list[ToolCall]) -> list[str]:
+        out = []
+        for call in made:
+            index, done = next(indexes), fmt.function_call_item(call)
+            added = {**fmt.function_call_item(call, "in_progress"), "arguments": ""}
+            at = {"item_id": done["id"], "output_index": index}
+            out += [
+                event("response.output_item.added", output_index=index, item=added),
+                event("response.function_call_arguments.delta", **at, delta=call.arguments),
+                event(
+                    "response.function_call_arguments.done",
+                    **at,
+                    arguments=call.arguments,
+                    name=call.name,
+                ),
+                event("response.output_item.done", output_index=index, item=done),
+            ]
+        return out
+
     try:
         yield event("response.created", response=turn.response("in_progress", []))
         yield event("response.in_progress", response=turn.response("in_progress", []))
-        item = fmt.output_message(mid, None, "in_progress")
-        yield event("response.output_item.added", output_index=0, item=item)
-        where = {"item_id": mid, "output_index": 0, "content_index": 0}
-        yield event("response.content_part.added", **where, part=fmt.output_text_part(""))
+        if calls is None:
+            for piece in open_message():
+                yield piece
+        sent = ""
         final = None
         try:
             async for output in chain(first, stream):
-                delta = output.outputs[0].delta_text
-                if delta:
-                    yield event("response.output_text.delta", **where, delta=delta, logprobs=[])
+                delta, made = output.outputs[0].delta_text, []
+                if calls is not None:
+                    step = calls.feed(delta)
+                    delta, made = step.content, step.calls
+                sent += delta
+                for piece in text_events(delta) + call_events(made):
+                    yield piece
                 final = output
         except Exception as exc:  # the engine failed this request
             turn.discard()
@@ -511,12 +601,20 @@ async def _events(
             return
         if final is None:
             return
-        text = final.outputs[0].text
-        body = turn.finish(final)
-        item = body["output"][0]
-        yield event("response.output_text.done", **where, text=text, logprobs=[])
-        yield event("response.content_part.done", **where, part=item["content"][0])
-        yield event("response.output_item.done", output_index=0, item=item)
+        parsed = None
+        if calls is not None:
+            rest = calls.finish()
+            sent += rest.content
+            for piece in text_events(rest.content) + call_events(rest.calls):
+                yield piece
+            parsed = ParsedOutput(sent, calls.calls)
+        body = turn.finish(final, parsed)
+        if opened:
+            item = next(i for i in body["output"] if i["type"] == "message")
+            text = item["content"][0]["text"] if item["content"] else ""
+            yield event("response.output_text.done", **where, text=text, logprobs=[])
+            yield event("response.content_part.done", **where, part=item["content"][0])
+            yield event("response.output_item.done", output_index=where["output_index"], item=item)
         kind = "response.incomplete" if body["status"] == "incomplete" else "response.completed"
         yield event(kind, response=body)
     finally:

@@ -23,6 +23,7 @@ from cadenza.model.tokenizer import Tokenizer
 from cadenza.outputs import RequestOutput
 from cadenza.session.manager import Retention, SessionManager, TurnPlan
 from cadenza.session.store import ConversationStore
+from cadenza.tools.template import ToolContext
 
 log = logging.getLogger("cadenza.sessions")
 
@@ -73,14 +74,23 @@ class SessionLayer:
         arrival_time: float | None = None,
         api: str = "chat",
         recognise_history: bool = True,
+        tools: ToolContext | None = None,
     ) -> EngineRequest:
         """Record the session's next turn as pending and return the request to run for it.
         Raises ValueError (nothing recorded) for a bad turn, a session with a turn in flight
         (``TurnInProgressError``) or one that belongs to another API
-        (``SessionNamespaceError``)."""
+        (``SessionNamespaceError``). ``tools`` are rendered into the turn (see
+        ``cadenza.tools.template``: a template without tools gets them in the first turn's
+        system message)."""
         keep = Retention.parse(retention)
         new = self.new_messages(session_id, messages, tenant) if recognise_history else messages
-        plan = self.manager.begin_turn(session_id, list(new), request_id, tenant=tenant, api=api)
+        template_tools = None
+        if tools is not None:
+            first = not self.store.messages(session_id)
+            new, template_tools = tools.prepare(list(new), first), tools.template_tools()
+        plan = self.manager.begin_turn(
+            session_id, list(new), request_id, tenant=tenant, api=api, tools=template_tools
+        )
         self.turns[request_id] = plan
         return self._request(plan, params, tenant, keep, priority, arrival_time)
 
@@ -154,9 +164,13 @@ class SessionLayer:
         return self.store.history_token_ids(session_id)
 
     def template_delta(
-        self, prior: list[dict[str, Any]], messages: list[dict[str, Any]], history: list[int]
+        self,
+        prior: list[dict[str, Any]],
+        messages: list[dict[str, Any]],
+        history: list[int],
+        tools: list[dict[str, Any]] | None = None,
     ) -> list[int]:
-        return self.manager.template_delta(prior, messages, history)
+        return self.manager.template_delta(prior, messages, history, tools)
 
     def close(self) -> None:
         self.store.close()

@@ -77,14 +77,16 @@ class SessionManager:
         *,
         tenant: str = "",
         api: str = "chat",
+        tools: list[dict[str, Any]] | None = None,
     ) -> TurnPlan:
-        """Record the turn as pending and return the sequence to run."""
+        """Record the turn as pending and return the sequence to run (``tools``: rendered by
+        the chat template, for templates that use them)."""
         if not new_messages:
             raise ValueError("a turn needs at least one new message")
         self._open(session_id, tenant, api)
         history = self.store.history_token_ids(session_id)
         prior = self.store.messages(session_id)
-        delta = self.template_delta(prior, list(new_messages), history)
+        delta = self.template_delta(prior, list(new_messages), history, tools)
         index = self.store.begin_turn(session_id, request_id, delta, list(new_messages))
         return TurnPlan(session_id, index, request_id, history + delta, len(history), delta)
 
@@ -137,12 +139,15 @@ class SessionManager:
         prior_messages: list[dict[str, Any]],
         new_messages: list[dict[str, Any]],
         history: list[int],
+        tools: list[dict[str, Any]] | None = None,
     ) -> list[int]:
         tok = self.require_tokenizer()
         if not prior_messages:
-            return tok.encode_chat(new_messages, add_generation_prompt=True)
-        before = tok.apply_chat_template(prior_messages, add_generation_prompt=False)
-        after = tok.apply_chat_template(prior_messages + new_messages, add_generation_prompt=True)
+            return tok.encode_chat(new_messages, add_generation_prompt=True, tools=tools)
+        before = tok.apply_chat_template(prior_messages, add_generation_prompt=False, tools=tools)
+        after = tok.apply_chat_template(
+            prior_messages + new_messages, add_generation_prompt=True, tools=tools
+        )
         if not after.startswith(before):
             raise ValueError(
                 "this model's chat template rewrites earlier turns, so a session cannot extend "
