@@ -145,6 +145,7 @@ def test_a_hint_moves_the_session_to_the_less_loaded_worker_before_its_turn(sour
             assert stats.placements["hinted"] == 1
             assert stats.hint_outcomes["found"] == 1, stats.hint_outcomes
             assert stats.migrations["hint"] == 1 and stats.migration_bytes > 0
+            assert stats.hinted_moves == {"found": 1}
             # The hinted turn found its history cached (all but the last partial block), and
             # the tokens count as migrated.
             assert final.num_cached_tokens >= len(history) - CONFIG.cache.block_size
@@ -373,13 +374,14 @@ def test_migration_budget_bounds_bytes_in_flight_per_worker():
 
 def test_cluster_stats_split_prompt_tokens_by_source():
     stats = ClusterStats()
-    stats.record_prompt(100, {"device": 48, "host": 16}, migrated=40)
+    stats.record_prompt(100, 80, {"device": 48, "host": 16}, migrated=40)
     assert stats.tokens_by_source == {
         "device": 8,
         "host": 16,
         "disk": 0,
         "migrated": 40,
-        "recomputed": 36,
+        "recomputed": 16,
+        "new": 20,
     }
     stats.sample_load(0.0, [3, 1])
     stats.sample_load(1.0, [2, 2])

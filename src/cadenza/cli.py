@@ -131,6 +131,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_trace_args(sub.add_parser("trace", help="session traces: convert workloads, print totals"))
 
+    from cadenza.sim.simulate_cli import add_arguments as add_simulate_args
+
+    add_simulate_args(
+        sub.add_parser("simulate", help="run a session trace on the simulator; calibrate it")
+    )
+
     serve = sub.add_parser("serve", help="the OpenAI-compatible stateful server")
     add_engine_arguments(serve)
     from cadenza.server.serve import add_arguments as add_serve_args
@@ -157,6 +163,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve_bench = bench_sub.add_parser("serve", help="multi-turn HTTP load: Cadenza vs baselines")
     add_serve_bench_args(serve_bench)
+    from cadenza.bench.cluster_bench import add_arguments as add_cluster_bench_args
+
+    add_cluster_bench_args(
+        bench_sub.add_parser("cluster", help="multi-worker cluster: routing policies side by side")
+    )
     return parser
 
 

@@ -10,6 +10,10 @@ One *trial* replays a session plan (Poisson session starts, exponential think ti
 * with ``hint_lead_s`` (session mode only) the client posts ``/v1/sessions/{id}/hint`` that many
   seconds before each follow-up turn, as an agent framework that knows its tool call is about to
   return would; at the end of a session it sends ``DELETE /v1/sessions/{id}``;
+* optional per-session :class:`HintSchedule` s (``cadenza bench cluster``) leave some follow-ups
+  unhinted (*missing* hints) and send a *false* hint after a session's last turn: that user
+  started typing and walked away, so the session is not deleted and the hint expires unused;
+  each turn records the worker that served it (the ``X-Cadenza-Worker`` response header);
 * sessions start only in ``[0, duration_s)`` and no turn is sent after ``duration_s``. At
   ``duration_s + grace_s`` whatever is still outstanding is cancelled. A turn cancelled before its
   first token counts as *censored* with TTFT = how long it had waited; ``grace_s`` is at least
@@ -28,7 +32,7 @@ import contextlib
 import math
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -54,6 +58,8 @@ class TurnRecord:
     prompt_tokens: int | None = None
     cached_tokens: int | None = None
     error: str | None = None
+    worker: str | None = None  # the X-Cadenza-Worker response header
+    hinted: bool | None = None  # follow-up turns with hints on: whether a hint preceded it
     # internal timing (monotonic), not reported
     _first: float | None = field(default=None, repr=False)
     _last: float | None = field(default=None, repr=False)
@@ -78,12 +84,26 @@ class TrialConfig:
     extra_body: dict[str, Any] = field(default_factory=dict)
     session_prefix: str = "bench"
     label: str = ""
+    # Per session (by index in the plans): which follow-ups go unhinted, and a false hint.
+    hint_schedules: Sequence[HintSchedule] | None = None
+    hint_ttl_s: float | None = None  # sent with each hint; None: the server's default
+    # Started with the sessions on the trial's event loop (given the client and the trial's
+    # start time) and cancelled when the trial ends, e.g. to poll the server's load.
+    monitor: Callable[[httpx.AsyncClient, float], Coroutine[Any, Any, None]] | None = None
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
         if self.duration_s <= 0 or self.grace_s < 0:
             raise ValueError("duration_s must be > 0 and grace_s >= 0")
+
+
+@dataclass(frozen=True)
+class HintSchedule:
+    """One session's deviations from "a hint before every follow-up turn"."""
+
+    unhinted_turns: frozenset[int] = frozenset()  # turn indices sent without a hint
+    false_hint_after_s: float | None = None  # after the last reply: a hint no turn follows
 
 
 class _Progress:
@@ -131,6 +151,7 @@ async def _stream_turn(
     sent = t0 + record.sent_s
     parts: list[str] = []
     async with http.stream("POST", "/v1/chat/completions", json=body, headers=headers) as resp:
+        record.worker = resp.headers.get("x-cadenza-worker")
         if resp.status_code != 200:
             await resp.aread()
             record.status = "http_429" if resp.status_code == 429 else "error"
@@ -185,8 +206,12 @@ async def _session(
     t0: float,
     records: list[TurnRecord],
     background: set[asyncio.Task],
+    hints_sent: list[str],
 ) -> None:
     sid = f"{cfg.session_prefix}-{index}"
+    schedule = cfg.hint_schedules[index] if cfg.hint_schedules is not None else HintSchedule()
+    hints_on = cfg.mode == "session" and cfg.hint_lead_s > 0
+    abandoned = False  # a false hint was sent: the session is left open, not deleted
     headers = {"X-Session-Id": sid} if cfg.mode == "session" else {}
     history: list[dict[str, str]] = []
     if cfg.system_prompt:
@@ -202,6 +227,8 @@ async def _session(
             history.append({"role": "user", "content": truncate_text(turn.user, cfg.max_chars)})
             messages = history[sent_upto:] if cfg.mode == "session" else history
             record = TurnRecord(session=sid, turn=i, sent_s=now)
+            if hints_on and i > 0:
+                record.hinted = i not in schedule.unhinted_turns
             records.append(record)
             try:
                 reply = await _stream_turn(http, cfg, record, list(messages), headers, t0)
@@ -213,29 +240,51 @@ async def _session(
             history.append({"role": "assistant", "content": reply})
             sent_upto = len(history)
             if i + 1 == len(turns):
+                if hints_on and schedule.false_hint_after_s is not None:
+                    await asyncio.sleep(schedule.false_hint_after_s)
+                    if time.monotonic() - t0 < cfg.duration_s:
+                        _spawn_hint(http, cfg, sid, background)
+                        hints_sent.append("false")
+                        abandoned = True
                 break
             think = plan.think_s[i]
             lead = min(cfg.hint_lead_s, think)
-            if cfg.mode == "session" and cfg.hint_lead_s > 0:
+            if hints_on and i + 1 not in schedule.unhinted_turns:
                 await asyncio.sleep(think - lead)
                 if time.monotonic() - t0 + lead >= cfg.duration_s:
                     break
-                task = asyncio.ensure_future(_post_quietly(http, f"/v1/sessions/{sid}/hint", lead))
-                background.add(task)
-                task.add_done_callback(background.discard)
+                _spawn_hint(http, cfg, sid, background, lead)
+                hints_sent.append("true")
                 await asyncio.sleep(lead)
             else:
                 await asyncio.sleep(think)
     finally:
-        if cfg.mode == "session" and sent_upto:
+        if cfg.mode == "session" and sent_upto and not abandoned:
             task = asyncio.ensure_future(_delete_quietly(http, f"/v1/sessions/{sid}"))
             background.add(task)
             task.add_done_callback(background.discard)
 
 
-async def _post_quietly(http: httpx.AsyncClient, path: str, lead: float) -> None:
+def _spawn_hint(
+    http: httpx.AsyncClient,
+    cfg: TrialConfig,
+    sid: str,
+    background: set[asyncio.Task],
+    lead: float | None = None,
+) -> None:
+    """Post the session's hint in the background (``lead`` None: as for the configured lead)."""
+    lead = cfg.hint_lead_s if lead is None else lead
+    body: dict[str, Any] = {"expected_arrival_s": lead}
+    if cfg.hint_ttl_s is not None:
+        body["ttl_s"] = cfg.hint_ttl_s
+    task = asyncio.ensure_future(_post_quietly(http, f"/v1/sessions/{sid}/hint", body))
+    background.add(task)
+    task.add_done_callback(background.discard)
+
+
+async def _post_quietly(http: httpx.AsyncClient, path: str, body: dict[str, Any]) -> None:
     with contextlib.suppress(httpx.HTTPError):
-        await http.post(path, json={"expected_arrival_s": lead})
+        await http.post(path, json=body)
 
 
 async def _delete_quietly(http: httpx.AsyncClient, path: str) -> None:
@@ -276,10 +325,12 @@ async def run_trial_async(
         base_url=cfg.base_url, headers=headers, limits=limits, timeout=timeout
     ) as http:
         t0 = time.monotonic()
+        hints_sent: list[str] = []
         tasks = [
-            asyncio.ensure_future(_session(http, cfg, p, i, t0, records, background))
+            asyncio.ensure_future(_session(http, cfg, p, i, t0, records, background, hints_sent))
             for i, p in enumerate(active)
         ]
+        monitor = asyncio.ensure_future(cfg.monitor(http, t0)) if cfg.monitor else None
         deadline = t0 + cfg.duration_s + cfg.grace_s
         pending = set(tasks)
         while pending:
@@ -298,18 +349,23 @@ async def run_trial_async(
         end = time.monotonic()
         for task in pending:
             task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        if monitor is not None:
+            monitor.cancel()
+        await asyncio.gather(*tasks, *([monitor] if monitor else []), return_exceptions=True)
         _finalize(records, min(end, deadline), t0)
         if background:
             await asyncio.wait(background, timeout=5.0)
         bar.update("done", force=True)
         bar.close()
     elapsed = min(end, deadline) - t0
-    return {
+    raw: dict[str, Any] = {
         "sessions": len(active),
         "elapsed_s": elapsed,
         "turns": [r.public() for r in records],
     }
+    if cfg.hint_schedules is not None:
+        raw["hints_sent"] = {"true": hints_sent.count("true"), "false": hints_sent.count("false")}
+    return raw
 
 
 def run_trial(

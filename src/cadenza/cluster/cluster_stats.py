@@ -9,6 +9,9 @@ Hint outcomes, per hinted turn (SYMPHONY's robustness questions):
 * ``late`` — it was hinted, but its KV was still on the way (or elsewhere) when it arrived;
 * ``false`` — a hint that no turn followed before it expired;
 * ``missing`` — a session turn that came with no hint.
+
+``hinted_moves`` counts, among hinted turns whose KV the hint moved to another worker, those
+that found it there (``found``) and those that did not (``late``): SYMPHONY's headline check.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from collections import Counter, deque
 from dataclasses import dataclass, field
 
 HINT_OUTCOMES = ("found", "late", "false", "missing")
-TOKEN_SOURCES = ("device", "host", "disk", "migrated", "recomputed")
+TOKEN_SOURCES = ("device", "host", "disk", "migrated", "recomputed", "new")
 
 
 @dataclass
@@ -35,6 +38,7 @@ class ClusterStats:
     placements: Counter[str] = field(default_factory=Counter)  # by reason
     placements_by_worker: Counter[str] = field(default_factory=Counter)
     hint_outcomes: Counter[str] = field(default_factory=Counter)
+    hinted_moves: Counter[str] = field(default_factory=Counter)  # found | late
     migrations: Counter[str] = field(default_factory=Counter)  # by kind
     migrations_aborted: Counter[str] = field(default_factory=Counter)
     migration_bytes: int = 0
@@ -58,10 +62,15 @@ class ClusterStats:
             self.migrations_aborted[record.kind] += 1
 
     def record_prompt(
-        self, prompt_tokens: int, cached_by_tier: dict[str, int], migrated: int
+        self,
+        prompt_tokens: int,
+        history_tokens: int,
+        cached_by_tier: dict[str, int],
+        migrated: int,
     ) -> None:
-        """Where a turn's prompt tokens came from (migrated tokens are taken out of the tier
-        they were found on at the destination)."""
+        """Where a turn's prompt tokens came from: cached by tier (migrated tokens are taken
+        out of the tier they were found on at the destination), history computed again
+        (``recomputed``: redundant prefill), and new tokens."""
         cached = sum(cached_by_tier.values())
         migrated = min(migrated, cached)
         left = migrated
@@ -71,7 +80,10 @@ class ClusterStats:
             left -= take
             self.tokens_by_source[tier] += count - take
         self.tokens_by_source["migrated"] += migrated
-        self.tokens_by_source["recomputed"] += max(prompt_tokens - cached, 0)
+        computed = max(prompt_tokens - cached, 0)
+        recomputed = min(max(history_tokens - cached, 0), computed)
+        self.tokens_by_source["recomputed"] += recomputed
+        self.tokens_by_source["new"] += computed - recomputed
 
     def sample_load(self, now: float, outstanding: list[int]) -> None:
         if not outstanding:

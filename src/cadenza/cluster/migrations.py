@@ -54,6 +54,7 @@ class PendingHint:
     history_tokens: int
     task: asyncio.Task[int] | None = None
     moved_tokens: int = 0
+    moving: bool = False  # the hint moves the session's KV to another worker
 
 
 class Migrations:
@@ -151,6 +152,7 @@ class Migrations:
             old.task.cancel()
         self.hints[sid] = pending
         if placement.migrate_from is not None:
+            pending.moving = True
             pending.task = asyncio.ensure_future(
                 self._hint_move(pending, placement.migrate_from, command)
             )
@@ -209,11 +211,19 @@ class Migrations:
         hits: PrefixHits = placement.hits
         found = placement.worker_id == hint.target and hits.blocks >= wanted
         stats.hint_outcomes["found" if found else "late"] += 1
+        if hint.moving:
+            stats.hinted_moves["found" if found else "late"] += 1
 
-    def drop_hint(self, session_id: str) -> None:
+    def drop_hint(self, session_id: str, unused: bool = False) -> None:
+        """Forget a pending hint; ``unused``: the session ended with no turn after it, so
+        the hint was false."""
         hint = self.hints.pop(session_id, None)
-        if hint is not None and hint.task is not None:
+        if hint is None:
+            return
+        if hint.task is not None:
             hint.task.cancel()
+        if unused:
+            self.router.stats.hint_outcomes["false"] += 1
 
     def expire_hints(self, now: float) -> None:
         for sid, hint in list(self.hints.items()):

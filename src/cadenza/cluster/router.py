@@ -229,7 +229,10 @@ class ClusterEngine:
         merged = stream.merge(output, self.clock())
         if first:
             self.stats.record_prompt(
-                len(stream.prompt_token_ids), stream.cached_by_tier, stream.migrated_tokens
+                len(stream.prompt_token_ids),
+                stream.request.num_history_tokens,
+                stream.cached_by_tier,
+                stream.migrated_tokens,
             )
         if len(stream.downtimes) > downtimes:
             self.stats.live_migration_downtimes.append(
@@ -422,7 +425,7 @@ class ClusterEngine:
             case HintSession():
                 return await self.migrations.hint(command)
             case EndSession():
-                self.migrations.drop_hint(command.session_id)
+                self.migrations.drop_hint(command.session_id, unused=True)
                 self.policy.forget_session(command.session_id)
                 await self._broadcast(command)
                 return None

@@ -8,7 +8,8 @@ load snapshot — no extra call to the workers. Names follow the server's ``cade
 * routing decisions by reason, hint outcomes (found / late / false / missing), migrations by
   kind (count, aborted), bytes and seconds moved, live-migration downtime, failovers;
 * load imbalance: the latest max / mean outstanding requests over workers, and its time mean;
-* prompt tokens by source: local device / host / disk cache, migrated, recomputed.
+* prompt tokens by source: local device / host / disk cache, migrated, recomputed history
+  (redundant prefill), new.
 """
 
 from __future__ import annotations
@@ -49,6 +50,12 @@ class ClusterCollector(Collector):
             " (no turn followed), missing (no hint).",
             "outcome",
             {o: stats.hint_outcomes.get(o, 0) for o in HINT_OUTCOMES},
+        )
+        yield counter(
+            "cluster_hinted_moves",
+            "Hinted turns whose KV the hint moved to another worker: found there, or late.",
+            "outcome",
+            {o: stats.hinted_moves.get(o, 0) for o in ("found", "late")},
         )
         yield counter(
             "cluster_migrations", "KV migrations completed, by kind.", "kind",

@@ -34,6 +34,7 @@ from cadenza.server.errors import APIError
 from cadenza.server.protocol import ChatCompletionRequest, CompletionRequest
 from cadenza.server.state import ServerState, get_state, scoped_session, tenant_of
 from cadenza.server.tool_requests import chat_response_format, constrained, tool_context
+from cadenza.server.tool_retention import retain_through_tool_calls
 from cadenza.session.manager import SessionNamespaceError
 from cadenza.session.store import TenantMismatchError, TurnInProgressError
 from cadenza.tools.parsers import ToolCall
@@ -110,7 +111,9 @@ async def chat_completions(
     if not body.stream:
         final = await collect(request, first, stream)
         parsed = parser.parse(final.outputs[0].text) if parser is not None else None
-        _remember(state, tenant, final, parsed.calls if parsed else [])
+        calls = parsed.calls if parsed else []
+        _remember(state, tenant, final, calls)
+        await retain_through_tool_calls(state, tenant, final.session_id, calls)
         return JSONResponse(
             fmt.chat_completion(request_id, body.model, final, top_n, session_id, parsed)
         )
@@ -159,6 +162,7 @@ async def chat_completions(
                 yield piece
             made_calls = calls.calls
         _remember(state, tenant, final, made_calls)
+        await retain_through_tool_calls(state, tenant, final.session_id, made_calls)
         reason = fmt.finish_reason(final.outputs[0], bool(made_calls))
         yield chunk({}, finish_reason=reason)
         if include_usage:

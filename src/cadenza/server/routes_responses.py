@@ -81,6 +81,7 @@ from cadenza.server.response_store import (
 )
 from cadenza.server.state import ServerState, get_state, tenant_of
 from cadenza.server.tool_requests import constrained, text_format, tool_context
+from cadenza.server.tool_retention import retain_through_tool_calls
 from cadenza.session.manager import Retention
 from cadenza.session.store import TurnInProgressError
 from cadenza.tools.parsers import ParsedOutput, ToolCall
@@ -512,7 +513,11 @@ async def create_response(
         raise
     if not body.stream:
         try:
-            return JSONResponse(turn.finish(await collect(request, first, stream)))
+            final = await collect(request, first, stream)
+            parsed = turn.parse(final.outputs[0].text)
+            result = turn.finish(final, parsed)
+            await retain_through_tool_calls(state, tenant, turn.session_id, parsed.calls)
+            return JSONResponse(result)
         finally:
             turn.discard()  # a no-op once the response is stored
     return StreamingResponse(
@@ -609,6 +614,8 @@ async def _events(
                 yield piece
             parsed = ParsedOutput(sent, calls.calls)
         body = turn.finish(final, parsed)
+        if parsed is not None:
+            await retain_through_tool_calls(turn.state, turn.tenant, turn.session_id, parsed.calls)
         if opened:
             item = next(i for i in body["output"] if i["type"] == "message")
             text = item["content"][0]["text"] if item["content"] else ""

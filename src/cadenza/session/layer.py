@@ -14,7 +14,8 @@ step path.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from cadenza.core.sampling_params import SamplingParams
@@ -23,15 +24,26 @@ from cadenza.model.tokenizer import Tokenizer
 from cadenza.outputs import RequestOutput
 from cadenza.session.manager import Retention, SessionManager, TurnPlan
 from cadenza.session.store import ConversationStore
+from cadenza.session.tool_ttl import ToolTTLLearner
 from cadenza.tools.template import ToolContext
 
 log = logging.getLogger("cadenza.sessions")
 
 
 class SessionLayer:
-    def __init__(self, store: ConversationStore, tokenizer: Tokenizer | None) -> None:
+    def __init__(
+        self,
+        store: ConversationStore,
+        tokenizer: Tokenizer | None,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        tool_ttl: ToolTTLLearner | None = None,
+    ) -> None:
         self.store = store
         self.manager = SessionManager(store, tokenizer)
+        self.clock = clock
+        # How long to pin a session through each tool call, learned per tenant and tool.
+        self.tool_ttl = tool_ttl or ToolTTLLearner()
         self.turns: dict[str, TurnPlan] = {}  # request id -> its turn, while in flight
         self.num_interrupted_turns = store.recover_interrupted()
         if self.num_interrupted_turns:
@@ -92,6 +104,7 @@ class SessionLayer:
             session_id, list(new), request_id, tenant=tenant, api=api, tools=template_tools
         )
         self.turns[request_id] = plan
+        self.tool_ttl.turn_arrived(session_id, self.clock())
         return self._request(plan, params, tenant, keep, priority, arrival_time)
 
     def begin_raw_turn(
@@ -112,6 +125,7 @@ class SessionLayer:
             session_id, input_token_ids, request_id, tenant=tenant, api=api
         )
         self.turns[request_id] = plan
+        self.tool_ttl.turn_arrived(session_id, self.clock())
         return self._request(plan, params, tenant, keep, 0, arrival_time)
 
     def _request(
@@ -134,6 +148,11 @@ class SessionLayer:
             cache_salt=tenant or None,
             arrival_time=arrival_time,
         )
+
+    def tool_called(self, session_id: str, tenant: str, tools: Sequence[str]) -> float:
+        """The session's turn ended calling ``tools``: the learned TTL to pin its KV for
+        while they run (0: do not pin; the KV goes down a tier like any idle session's)."""
+        return self.tool_ttl.tool_called(session_id, tenant, list(tools), self.clock())
 
     def observe(self, output: RequestOutput) -> None:
         """Record a finished turn's generated tokens (no-op for other outputs)."""

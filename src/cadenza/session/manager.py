@@ -8,7 +8,6 @@ of the new sequence by construction, whatever the tokenizer would make of the de
 
 from __future__ import annotations
 
-import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -124,14 +123,6 @@ class SessionManager:
 
     def abort_turn(self, plan: TurnPlan, reason: str = "aborted") -> None:
         self.store.abort_turn(plan.session_id, plan.turn_index, reason)
-
-    def learned_ttl(self, session_id: str, default: float = 0.0, cap: float = 600.0) -> float:
-        """A TTL from the session's observed gaps between turns: the median gap plus a
-        margin, so a session that habitually returns soon keeps its KV warm."""
-        gaps = self.store.turn_gaps(session_id)
-        if len(gaps) < 2:
-            return default
-        return min(cap, 1.5 * statistics.median(gaps))
 
     # ---------------------------------------------------------------------- template delta
     def template_delta(

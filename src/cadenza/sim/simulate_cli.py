@@ -1,0 +1,182 @@
+"""``cadenza simulate``: run a session trace on the discrete-event simulator, or calibrate its
+CPU cost model on this machine.
+
+    cadenza simulate --trace t.jsonl --out metrics.json --workers 16 --routing symphony \\
+        --cost-model gpu --gpu H100 --model llama-3.1-8b --seed 0
+    cadenza simulate calibrate --out cal.json
+    cadenza simulate --trace t.jsonl --out m.json --cost-model cpu --calibration cal.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+from cadenza.cluster.placement import POLICY_NAMES
+from cadenza.sim.hardware import GPUS
+from cadenza.sim.model_shapes import MODELS
+from cadenza.sim.setup import COST_MODELS, SimConfig
+
+
+def default_calibration_path() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "cadenza" / "sim-cpu-calibration.json"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """``cadenza simulate [--trace ...]`` and ``cadenza simulate calibrate``; sets ``func``."""
+    d = SimConfig()
+    parser.add_argument("--trace", help="a session trace (.jsonl or .jsonl.gz) to run")
+    parser.add_argument("--out", help="where to write the metrics JSON (default: stdout)")
+    parser.add_argument("--workers", type=int, default=d.workers, help="simulated workers")
+    parser.add_argument(
+        "--routing", choices=POLICY_NAMES, default=d.routing, help="placement policy"
+    )
+    parser.add_argument(
+        "--cost-model",
+        choices=COST_MODELS,
+        default=d.cost_model,
+        help="cpu: this engine on this machine (calibrated); gpu: a roofline of --model on --gpu",
+    )
+    parser.add_argument("--gpu", choices=list(GPUS), default=d.gpu, help="GPU of each worker")
+    parser.add_argument(
+        "--model",
+        choices=list(MODELS),
+        default=None,
+        help="model shape (default: smollm2-135m for cpu, llama-3.1-8b for gpu)",
+    )
+    parser.add_argument("--seed", type=int, default=d.seed, help="seed of token ids and samples")
+    parser.add_argument("--block-size", type=int, default=d.block_size, help="tokens per block")
+    parser.add_argument(
+        "--num-blocks", type=int, default=None, help="device KV blocks per worker (default: fit)"
+    )
+    parser.add_argument(
+        "--kv-cache-gib", type=float, default=d.kv_cache_gib, help="cpu: device KV pool GiB"
+    )
+    parser.add_argument("--host-gib", type=float, default=d.host_gib, help="host KV tier GiB")
+    parser.add_argument("--disk-gib", type=float, default=d.disk_gib, help="disk KV tier GiB")
+    parser.add_argument(
+        "--max-num-batched-tokens", type=int, default=d.max_num_batched_tokens, help="step budget"
+    )
+    parser.add_argument("--max-num-seqs", type=int, default=d.max_num_seqs, help="running cap")
+    parser.add_argument("--eviction", choices=("cost", "lru"), default=d.eviction)
+    parser.add_argument(
+        "--network-gbps", type=float, default=None, help="per-worker network (gpu 100, cpu 10)"
+    )
+    parser.add_argument("--network-latency-s", type=float, default=None)
+    parser.add_argument(
+        "--retention-ttl-s",
+        type=float,
+        default=d.retention_ttl_s,
+        help="KV retention after a turn without tool_s in the trace",
+    )
+    parser.add_argument(
+        "--calibration",
+        default=None,
+        help="cpu calibration file (default: the one `calibrate` wrote, else built-in)",
+    )
+    parser.add_argument(
+        "--gpu-param",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="roofline parameter, e.g. matmul_efficiency=0.5 (repeatable)",
+    )
+    sub = parser.add_subparsers(dest="simulate_command", help="calibrate the cpu cost model")
+    cal = sub.add_parser("calibrate", help="fit the cpu cost model to this engine here")
+    cal.add_argument(
+        "--out", dest="cal_out", default=None, help=f"default: {default_calibration_path()}"
+    )
+    cal.add_argument("--model", dest="cal_model", default="smollm2-135m", help="the engine's model")
+    cal.add_argument("--num-threads", type=int, default=None, help="torch threads")
+    cal.add_argument("--quick", action="store_true", help="fewer shapes (about a third)")
+    cal.add_argument("--disk-dir", default=None, help="where to probe disk bandwidth")
+    parser.set_defaults(func=run)
+
+
+def _config(args: argparse.Namespace) -> SimConfig:
+    calibration = args.calibration
+    if calibration is None and args.cost_model == "cpu" and default_calibration_path().exists():
+        calibration = str(default_calibration_path())
+    return SimConfig(
+        workers=args.workers,
+        routing=args.routing,
+        cost_model=args.cost_model,
+        gpu=args.gpu,
+        model=args.model,
+        seed=args.seed,
+        block_size=args.block_size,
+        num_blocks=args.num_blocks,
+        kv_cache_gib=args.kv_cache_gib,
+        host_gib=args.host_gib,
+        disk_gib=args.disk_gib,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        max_num_seqs=args.max_num_seqs,
+        eviction=args.eviction,
+        network_gbps=args.network_gbps,
+        network_latency_s=args.network_latency_s,
+        retention_ttl_s=args.retention_ttl_s,
+        calibration=calibration,
+        gpu_params=tuple(args.gpu_param),
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.simulate_command == "calibrate":
+        return _calibrate(args)
+    if not args.trace:
+        print(
+            "cadenza simulate: --trace FILE is required (or: cadenza simulate calibrate)",
+            file=sys.stderr,
+        )
+        return 2
+    from cadenza.sim.metrics import dumps_metrics
+    from cadenza.sim.simulator import simulate
+    from cadenza.sim.trace import read_trace
+
+    try:
+        config = _config(args)
+        turns = read_trace(args.trace)
+        start = time.perf_counter()
+        metrics = simulate(config, turns)
+    except (ValueError, OSError) as e:
+        print(f"cadenza simulate: {e}", file=sys.stderr)
+        return 2
+    text = dumps_metrics(metrics)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(text, encoding="utf-8")
+        wall = time.perf_counter() - start
+        print(
+            f"simulated {metrics['turns']} turns ({metrics['rejected_turns']} rejected) over"
+            f" {metrics['duration_s']:.1f} virtual s in {wall:.1f} s; mean TTFT"
+            f" {metrics['ttft_s']['mean']:.3f} s; metrics in {args.out}",
+            file=sys.stderr,
+        )
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+def _calibrate(args: argparse.Namespace) -> int:
+    from cadenza.sim.calibrate import calibrate, write_calibration
+
+    out = args.cal_out or default_calibration_path()
+    calibration, machine = calibrate(
+        args.cal_model, num_threads=args.num_threads, quick=args.quick, disk_dir=args.disk_dir
+    )
+    path = write_calibration(out, calibration, machine)
+    c = calibration
+    print(
+        f"{c.num_samples} steps: base {c.base_s * 1e3:.2f} ms, prefill"
+        f" {c.prefill_token_s * 1e6:.1f} us/token, decode {c.decode_seq_s * 1e3:.2f} ms/seq,"
+        f" attention"
+        f" {c.attention_pair_s * 1e9:.2f} ns/pair (median error {c.median_rel_error:.0%});"
+        f" memcpy {c.memcpy_bytes_per_s / 1e9:.1f} GB/s, disk read"
+        f" {c.disk_read_bytes_per_s / 1e9:.1f} / write {c.disk_write_bytes_per_s / 1e9:.1f} GB/s;"
+        f" written to {path}"
+    )
+    return 0
