@@ -168,6 +168,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_cluster_bench_args(
         bench_sub.add_parser("cluster", help="multi-worker cluster: routing policies side by side")
     )
+    from cadenza.bench.migration_bench import add_arguments as add_migration_bench_args
+
+    add_migration_bench_args(
+        bench_sub.add_parser("migration", help="KV move vs recompute; live-migration downtime")
+    )
     return parser
 
 
