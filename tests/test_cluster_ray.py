@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import time
+from dataclasses import replace
 
 import httpx
 import openai
@@ -91,7 +92,8 @@ def test_conversations_alternating_workers_match_one_engine(cluster, single):
 
 def test_a_hinted_turn_finds_its_migrated_history(cluster):
     router = cluster.cluster
-    router.policy = make_policy("symphony", router.index, router.costs)
+    # Move for a difference of one request (the default waits for two).
+    router.policy = make_policy("symphony", router.index, replace(router.costs, rebalance_margin=1))
     router.routing = "symphony"
     try:
         first = chat(cluster.base_url, "hinted", sharegpt_user_messages(1, min_chars=200)[0], 24)

@@ -116,7 +116,8 @@ def test_turns_alternating_workers_match_one_engine(source, reference):
 
 def test_a_hint_moves_the_session_to_the_less_loaded_worker_before_its_turn(source, reference):
     async def main():
-        router = await make_cluster(source, "symphony")
+        # Move for a difference of one request (the default waits for two).
+        router = await make_cluster(source, "symphony", costs=CostParams(rebalance_margin=1))
         try:
             history = prompt_of(1, 30)
             first = await collect(

@@ -86,6 +86,15 @@ def test_symphony_places_at_hint_time_and_routes_once_the_kv_arrived():
     assert (placed.worker_id, placed.reason) == ("w1", "hinted")
 
 
+def test_symphony_leaves_the_kv_where_it_is_when_the_load_is_nearly_even():
+    index = index_with(w0=(Tier.DEVICE, 10))
+    policy = make_policy("symphony", index)
+    stay = policy.on_hint(turn("s"), views(2, 1))  # one request apart: not worth a move
+    assert stay is not None and (stay.worker_id, stay.migrate_from) == ("w0", None)
+    moved = policy.on_hint(turn("s"), views(3, 1))
+    assert moved is not None and (moved.worker_id, moved.migrate_from) == ("w1", "w0")
+
+
 def test_symphony_falls_back_to_kv_aware_when_the_migration_is_late():
     index = index_with(w0=(Tier.DEVICE, 10))
     policy = make_policy("symphony", index)

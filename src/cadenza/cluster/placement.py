@@ -15,8 +15,10 @@ A policy sees the workers' load snapshots and the router's ``KVIndex`` and retur
   When the cheapest worker lacks the KV another worker holds, moving it is chosen if copying the
   bytes over the link is estimated faster than recomputing them (MELL's adaptive choice).
 * ``symphony`` — on a hint, pick the worker for the session's next turn by load and move the
-  session's KV there in the background; the turn goes there once its KV has arrived (the index
-  shows it), and falls back to ``kv-aware`` otherwise (no hint, a late or lost migration).
+  session's KV there in the background (unless the worker holding it is within
+  ``rebalance_margin`` requests of the least loaded: then it stays); the turn goes there once
+  its KV has arrived (the index shows it), and falls back to ``kv-aware`` otherwise (no hint,
+  a late or lost migration).
 """
 
 from __future__ import annotations
@@ -81,6 +83,10 @@ class CostParams:
     disk_credit: float = 0.5
     block_bytes: int = 16 * 2 * 30 * 3 * 64 * 4  # SmolLM2 float32: K and V of 16 tokens
     link_bytes_per_s: float = 1e9
+    # A hint moves a session's KV only to a worker with at least this many fewer outstanding
+    # requests (pending hints included) than the one holding it: a move for a difference of
+    # one just trades places, and its copies cost both workers step time.
+    rebalance_margin: int = 2
 
 
 class PlacementPolicy(ABC):
@@ -214,17 +220,17 @@ class Symphony(KVAware):
             return None
         pending = {w: list(self.hinted.values()).count(w) for w in set(self.hinted.values())}
         live = self.accepting(workers)
-        target = min(
-            live,
-            key=lambda w: (
-                w.outstanding + pending.get(w.worker_id, 0),
-                self.load_tokens(w),
-                w.worker_id,
-            ),
-        )
+
+        def load(w: WorkerView) -> int:
+            return w.outstanding + pending.get(w.worker_id, 0)
+
+        target = min(live, key=lambda w: (load(w), self.load_tokens(w), w.worker_id))
+        holder, held = self.index.best_holder(turn.block_keys)
+        by_id = {w.worker_id: w for w in live}
+        if holder in by_id and load(by_id[holder]) - load(target) < self.costs.rebalance_margin:
+            target = by_id[holder]  # balanced enough: the KV stays where it is
         self.hinted[turn.session_id] = target.worker_id
         hits = self._hits(target.worker_id, turn)
-        holder, held = self.index.best_holder(turn.block_keys)
         migrate = holder if holder not in (None, target.worker_id) and held.blocks else None
         return Placement(target.worker_id, "hint", migrate_from=migrate, hits=hits)
 
