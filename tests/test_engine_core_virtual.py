@@ -341,3 +341,41 @@ def test_ttl_pin_holds_until_its_virtual_expiry(tmp_path):
     assert moved["by_tier"].get("host", 0) + moved["by_tier"].get("disk", 0) > 0
     core.flush()
     check_block_accounting(core)
+
+
+def test_program_fcfs_lets_a_returning_agent_step_go_before_a_new_program():
+    """Program-level FCFS (Continuum): with room for one running request, a session's second
+    step that arrived later is admitted before another session's first step, because its
+    session began first; plain FCFS admits by arrival."""
+
+    def first_admitted(policy: str) -> str:
+        config = EngineConfig(
+            cache=CacheConfig(block_size=BS, num_blocks=64),
+            scheduler=SchedulerConfig(max_num_seqs=1, policy=policy),
+            kv_cost_model="linear",
+        )
+        clock = VirtualClock()
+        core = EngineCore(
+            config,
+            FakeModel(64),
+            clock=clock,
+            fingerprint="virtual-test-model",
+            vocab_size=VOCAB,
+            eos_token_ids=(1,),
+            max_model_len=1024,
+        )
+        one = SamplingParams(max_tokens=1, ignore_eos=True)
+        core.add_request("old-1", list(range(10, 30)), one, session_id="old")
+        while core.has_unfinished_requests():
+            clock.now += 0.1
+            core.step()
+        clock.now = 10.0
+        core.add_request("new-1", list(range(40, 60)), one, session_id="new")
+        clock.now = 11.0
+        core.add_request("old-2", list(range(10, 40)), one, session_id="old")
+        result = core.step()
+        (request, _), *_ = result.updated
+        return request.request_id
+
+    assert first_admitted("program") == "old-2"
+    assert first_admitted("fcfs") == "new-1"

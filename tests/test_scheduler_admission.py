@@ -401,3 +401,4 @@ def test_cached_by_tier_splits_device_host_and_disk_blocks() -> None:
             break
     assert request.num_cached_tokens == 20
     assert request.cached_by_tier == {"device": 8, "host": 8, "disk": 4}
+

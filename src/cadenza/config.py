@@ -167,9 +167,11 @@ class SchedulerConfig:
     long_prefill_token_threshold: int = knob(
         0, "longest prefill chunk one request may take in a step (0: the whole budget)"
     )
-    policy: Literal["fcfs", "priority"] = knob(
+    policy: Literal["fcfs", "priority", "program"] = knob(
         "fcfs",
-        "order of waiting requests: first come first served, or by priority",
+        "order of waiting requests: first come first served; by priority; or program-level "
+        "FCFS (Continuum: a session's turn is ordered by when its session began, so a returning"
+        " agent step goes before a new program's first step)",
         option="scheduling_policy",
     )
 

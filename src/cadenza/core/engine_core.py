@@ -42,6 +42,8 @@ log = logging.getLogger("cadenza.engine")
 
 # How long a hinted session's prefetched KV stays pinned past its expected arrival.
 HINT_GRACE_S = 30.0
+# Sessions whose start time program-level FCFS remembers (the oldest are forgotten first).
+MAX_TRACKED_PROGRAMS = 100_000
 
 
 @dataclass
@@ -194,6 +196,7 @@ class EngineCore:
         self.events_subscribed = False
         self._ids = itertools.count()
         self.num_aborted: dict[str, int] = {}
+        self._program_starts: dict[str, float] = {}  # session -> first turn's arrival
 
     # ----------------------------------------------------------------------- requests
     def make_request(
@@ -257,6 +260,7 @@ class EngineCore:
         request.session_id = session_id
         request.num_history_tokens = num_history_tokens
         request.retention_ttl_s = retention_ttl_s
+        request.program_arrival = self._program_arrival(session_id, request.arrival_time)
         for token in resume_token_ids:
             request.append_output_token(int(token))
         if request.num_tokens >= request.max_total_tokens:
@@ -266,6 +270,16 @@ class EngineCore:
             )
         self.scheduler.add_request(request)
         return request
+
+    def _program_arrival(self, session_id: str | None, arrival: float) -> float:
+        """When ``session_id``'s first turn arrived here (bounded memory: the oldest sessions
+        are forgotten first)."""
+        if session_id is None:
+            return arrival
+        start = self._program_starts.setdefault(session_id, arrival)
+        if len(self._program_starts) > MAX_TRACKED_PROGRAMS:
+            del self._program_starts[next(iter(self._program_starts))]
+        return start
 
     def finish_request(self, request_id: str, status: RequestStatus) -> Request | None:
         return self.scheduler.finish_request(request_id, status)

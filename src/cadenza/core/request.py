@@ -73,6 +73,8 @@ class Request:
     num_overtaken: int = 0
     # Keep this turn's KV pinned on the device for this long after it finishes.
     retention_ttl_s: float = 0.0
+    # When the request's program (its session) began: the key of program-level FCFS.
+    program_arrival: float = 0.0
 
     def __post_init__(self) -> None:
         self.all_token_ids = list(self.prompt_token_ids)

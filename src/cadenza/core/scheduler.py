@@ -349,6 +349,8 @@ class Scheduler:
     def _waiting_in_order(self) -> list[Request]:
         if self.config.policy == "priority":
             return sorted(self.waiting, key=lambda r: (r.priority, r.arrival_time))
+        if self.config.policy == "program":
+            return sorted(self.waiting, key=lambda r: (r.program_arrival, r.arrival_time))
         return list(self.waiting)
 
     def _chunk_size(self, request: Request, budget: int) -> int:
