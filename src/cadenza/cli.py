@@ -173,6 +173,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_migration_bench_args(
         bench_sub.add_parser("migration", help="KV move vs recompute; live-migration downtime")
     )
+    from cadenza.bench.agents_bench import add_arguments as add_agents_bench_args
+
+    add_agents_bench_args(
+        bench_sub.add_parser(
+            "agents", help="agent programs: sessions vs resending history vs no cache"
+        )
+    )
     return parser
 
 
