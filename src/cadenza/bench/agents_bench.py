@@ -100,7 +100,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--trial-timeout-s", type=float, default=420.0, help="bound on one trial's programs"
     )
-    parser.add_argument("--start-timeout-s", type=float, default=300.0)
+    parser.add_argument(
+        "--start-timeout-s",
+        type=float,
+        default=300.0,
+        help="how long a server may take to start, s (default: %(default)s)",
+    )
     parser.add_argument(
         "--noise",
         type=float,
@@ -114,7 +119,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true", help="a few-minute smoke run")
     parser.add_argument("--out-dir", default="docs/benchmarks", help="where results go")
     parser.add_argument("--name", default=None, help="file stem (default: agents[-quick])")
-    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument(
+        "--no-progress", action="store_true", help="no live progress line on stderr"
+    )
     parser.add_argument(
         "--render-only", default=None, metavar="JSON", help="re-render a previous run's JSON"
     )

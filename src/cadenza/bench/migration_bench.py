@@ -49,7 +49,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--decode-tokens", type=int, default=96, help="tokens each live-migrated request makes"
     )
     parser.add_argument("--threads", type=int, default=1, help="torch threads per worker")
-    parser.add_argument("--backend", choices=["ray", "local"], default="ray")
+    parser.add_argument(
+        "--backend",
+        choices=["ray", "local"],
+        default="ray",
+        help="workers as Ray actors, or as threads of this process (default: %(default)s)",
+    )
     parser.add_argument("--out-dir", default="docs/benchmarks", help="where results go")
     parser.add_argument("--name", default="migration", help="result file stem")
     parser.set_defaults(func=run)

@@ -62,11 +62,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--max-num-batched-tokens", type=int, default=d.max_num_batched_tokens, help="step budget"
     )
     parser.add_argument("--max-num-seqs", type=int, default=d.max_num_seqs, help="running cap")
-    parser.add_argument("--eviction", choices=("cost", "lru"), default=d.eviction)
+    parser.add_argument(
+        "--eviction",
+        choices=("cost", "lru"),
+        default=d.eviction,
+        help="device eviction policy of every worker (default: %(default)s)",
+    )
     parser.add_argument(
         "--network-gbps", type=float, default=None, help="per-worker network (gpu 100, cpu 10)"
     )
-    parser.add_argument("--network-latency-s", type=float, default=None)
+    parser.add_argument(
+        "--network-latency-s",
+        type=float,
+        default=None,
+        help="one-way latency of a migration between workers, s (default: per cost model)",
+    )
     parser.add_argument(
         "--retention-ttl-s",
         type=float,
