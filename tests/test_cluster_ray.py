@@ -72,20 +72,20 @@ def chat(base_url: str, session: str, text: str, max_tokens: int = 16) -> httpx.
 
 
 def test_conversations_alternating_workers_match_one_engine(cluster, single):
-    messages = sharegpt_user_messages(30, min_chars=20, max_chars=300)
+    messages = sharegpt_user_messages(20, min_chars=20, max_chars=300)
     for conv in range(10):
         workers = []
-        for turn in range(3):
-            text = messages[conv * 3 + turn]
-            got = chat(cluster.base_url, f"c{conv}", text)
-            want = chat(single.base_url, f"c{conv}", text)
+        for turn in range(2):
+            text = messages[conv * 2 + turn]
+            got = chat(cluster.base_url, f"c{conv}", text, max_tokens=12)
+            want = chat(single.base_url, f"c{conv}", text, max_tokens=12)
             assert got.status_code == 200, got.text
             workers.append(got.headers["x-cadenza-worker"])
             a, b = got.json(), want.json()
             assert a["choices"][0]["message"]["content"] == b["choices"][0]["message"]["content"]
             assert a["usage"]["prompt_tokens"] == b["usage"]["prompt_tokens"]
         # Round-robin sends consecutive turns of a conversation to different workers.
-        assert workers[0] != workers[1] and workers[1] != workers[2], workers
+        assert workers[0] != workers[1], workers
     stats = cluster.cluster.stats
     assert stats.placements_by_worker["w0"] >= 10 and stats.placements_by_worker["w1"] >= 10
 
