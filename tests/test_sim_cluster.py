@@ -5,6 +5,7 @@ the very classes the server uses, and defines no scheduler or policy of its own.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import inspect
 import pkgutil
@@ -72,7 +73,8 @@ def test_hint_migrates_kv_off_the_busy_worker_at_the_modelled_time(tmp_path):
         # B: arrives after A's first turn finished and keeps its worker busy for 20 s.
         TraceTurn("B", 32, 1000, arrival_s=0.1),
     ]
-    sim = Simulation(config(tmp_path, "symphony"), trace)
+    # Move for a difference of one request (the default waits for two).
+    sim = Simulation(dataclasses.replace(config(tmp_path, "symphony"), rebalance_margin=1), trace)
     metrics = sim.run()
     turns = {(r.session_id, r.turn): r for r in sim.client.records}
 

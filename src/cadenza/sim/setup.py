@@ -40,6 +40,8 @@ class SimConfig:
     network_gbps: float | None = None  # default: 100 (gpu), 10 (cpu)
     network_latency_s: float | None = None
     retention_ttl_s: float = 0.0
+    # SYMPHONY moves a hinted session only to a worker this many requests less loaded.
+    rebalance_margin: int = CostParams.rebalance_margin
     calibration: str | None = None  # cpu: a `cadenza simulate calibrate` file
     gpu_params: tuple[str, ...] = ()  # roofline NAME=VALUE overrides
 
@@ -126,6 +128,7 @@ def resolve(config: SimConfig) -> Resolved:
         prefill_s_per_token=prefill_s_per_token(cost),
         block_bytes=block_bytes,
         link_bytes_per_s=links.network,
+        rebalance_margin=config.rebalance_margin,
     )
     details.update(
         num_blocks=num_blocks,
