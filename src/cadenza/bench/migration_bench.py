@@ -290,7 +290,11 @@ def run(args: argparse.Namespace) -> int:
     results = asyncio.run(_measure(args))
     results["meta"] = {
         "command": "cadenza bench migration "
-        + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k != "func"),
+        + " ".join(
+            f"--{k.replace('_', '-')} {v}"
+            for k, v in vars(args).items()
+            if k not in ("func", "command", "bench_command")
+        ),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
         "backend": args.backend,
         "model": args.model,
