@@ -48,7 +48,15 @@ from cadenza.bench.agents_workload import (
     programs_from_trace,
 )
 from cadenza.bench.cluster_scrape import diff_metrics, scrape
-from cadenza.bench.serve_bench import ServerProcess, SystemSpec, free_port, thread_env
+from cadenza.bench.serve_bench import (
+    ServerProcess,
+    SystemSpec,
+    _interrupt,
+    _loadavg,
+    free_port,
+    thread_env,
+)
+from cadenza.bench.serve_bench import _say as say
 from cadenza.sim.trace import read_trace, write_trace
 
 MODES = ("sessions", "resend", "no-cache")
@@ -333,18 +341,3 @@ def describe_live(live: LiveKV, plans: list[PoolPlan]) -> str:
         floor = f" (floored from {p.target_blocks})" if p.floored else ""
         lines.append(f"  pool {p.percent}%: {p.blocks} blocks{floor}")
     return "\n".join(lines)
-
-
-def _interrupt(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt
-
-
-def _loadavg() -> float | None:
-    try:
-        return os.getloadavg()[0]
-    except OSError:
-        return None
-
-
-def say(text: str) -> None:
-    print(text, file=sys.stderr, flush=True)

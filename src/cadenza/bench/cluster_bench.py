@@ -49,6 +49,7 @@ from cadenza.bench.serve_bench import (
     _interrupt,
     _loadavg,
     _machine,
+    _say,
     free_port,
     sessions_needed,
     thread_env,
@@ -405,10 +406,6 @@ def trial_line(policy: str, trial: dict[str, Any]) -> str:
 
 def _fmt(x: Any) -> str:
     return f"{x:.2f}" if isinstance(x, float) and math.isfinite(x) else "—"
-
-
-def _say(text: str) -> None:
-    print(text, file=sys.stderr, flush=True)
 
 
 # ------------------------------------------------------------------------------------- run
