@@ -8,18 +8,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import threading
-import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import uvicorn
-from tests.server_harness import free_port
+from tests.server_harness import serving
 
 from cadenza.cluster.router import ClusterEngine
 from cadenza.cluster.worker_handle import WorkerHandle
-from cadenza.server.app import build_app
 from cadenza.server.cluster_metrics import ClusterCollector
 from cadenza.server.metrics import ServerMetrics
 from cadenza.server.state import ServerState
@@ -46,19 +43,5 @@ def running_cluster_server(
     metrics.registry.register(ClusterCollector(cluster))
     state = ServerState(cluster, model)  # type: ignore[arg-type]
     state.extras["metrics"] = metrics
-    port = free_port()
-    server = uvicorn.Server(
-        uvicorn.Config(build_app(state), host="127.0.0.1", port=port, log_level="warning")
-    )
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not server.started:
-        if time.monotonic() > deadline or not thread.is_alive():
-            raise RuntimeError("server did not start")
-        time.sleep(0.02)
-    try:
-        yield ClusterServer(f"http://127.0.0.1:{port}", state, server)
-    finally:
-        server.should_exit = True
-        thread.join(60)
+    with serving(state, timeout_s=60) as (base_url, server):
+        yield ClusterServer(base_url, state, server)

@@ -82,19 +82,26 @@ def running_server(
     state = ServerState.with_keys(engine, model, api_keys or [], max_body_bytes=max_body_bytes)
     if server_metrics is not None:
         state.extras["metrics"] = server_metrics
+    with serving(state) as (base_url, server):
+        yield RunningServer(base_url, state, server)
+
+
+@contextlib.contextmanager
+def serving(state: ServerState, timeout_s: float = 30.0) -> Iterator[tuple[str, uvicorn.Server]]:
+    """The app around ``state`` on uvicorn in a thread, on a free port; stopped on exit."""
     port = free_port()
     server = uvicorn.Server(
         uvicorn.Config(build_app(state), host="127.0.0.1", port=port, log_level="warning")
     )
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + timeout_s
     while not server.started:
         if time.monotonic() > deadline or not thread.is_alive():
             raise RuntimeError("server did not start")
         time.sleep(0.02)
     try:
-        yield RunningServer(f"http://127.0.0.1:{port}", state, server)
+        yield f"http://127.0.0.1:{port}", server
     finally:
         server.should_exit = True
-        thread.join(30)
+        thread.join(timeout_s)
