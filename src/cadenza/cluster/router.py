@@ -342,7 +342,9 @@ class ClusterEngine:
             stream.worker_id, stream.reason = slot.worker_id, placement.reason
             slot.requests.add(stream.request_id)
             try:
-                await slot.handle.call(AddRequest(request))
+                # Token ids, not text: the router already tokenised the prompt (the stream
+                # puts the text back on the outputs).
+                await slot.handle.call(AddRequest(replace(request, prompt=stream.prompt_token_ids)))
             except WorkerDiedError as exc:
                 slot.requests.discard(stream.request_id)
                 if stream.worker_id is None:
