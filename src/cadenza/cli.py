@@ -180,6 +180,13 @@ def build_parser() -> argparse.ArgumentParser:
             "agents", help="agent programs: sessions vs resending history vs no cache"
         )
     )
+    from cadenza.sim.validate import add_arguments as add_sim_validation_args
+
+    add_sim_validation_args(
+        bench_sub.add_parser(
+            "sim-validation", help="the CPU-calibrated simulator against the real engine"
+        )
+    )
     return parser
 
 

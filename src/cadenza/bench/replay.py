@@ -89,6 +89,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--name", default="replay", help="base name of the result files")
     parser.add_argument("--note", default=None, help="free text recorded in the report's meta")
+    from cadenza.bench.trace_replay import add_trace_arguments
+
+    add_trace_arguments(parser)
     parser.set_defaults(func=run)
 
 
@@ -709,6 +712,10 @@ def _git_describe() -> str | None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if getattr(args, "trace", None):
+        from cadenza.bench.trace_replay import run_trace
+
+        return run_trace(args)
     from cadenza.config import CacheConfig
     from cadenza.llm import LLM
     from cadenza.model.source import load_model_source
