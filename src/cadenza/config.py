@@ -168,11 +168,10 @@ class SchedulerConfig:
         0, "longest prefill chunk one request may take in a step (0: the whole budget)"
     )
     policy: Literal["fcfs", "priority", "program"] = knob(
-        "program",
-        "order of waiting requests: program-level FCFS (Continuum: a session's turn is ordered"
-        " by when its session began, so a returning agent step or chat turn goes before a new"
-        " session's first turn; requests without a session are plain FCFS); first come first"
-        " served; or by priority",
+        "fcfs",
+        "order of waiting requests: first come first served; by priority; or program-level "
+        "FCFS (Continuum: a session's turn is ordered by when its session began, so a returning"
+        " agent step goes before a new program's first step)",
         option="scheduling_policy",
     )
 
