@@ -72,15 +72,15 @@ def test_smollm2_greedy_matches_transformers_on_sharegpt(smollm2_source, smollm2
     tokenizer = llm.get_tokenizer()
     messages = sharegpt_user_messages(8)
     prompts = [tokenizer.encode_chat([{"role": "user", "content": m}]) for m in messages]
-    params = SamplingParams(max_tokens=64, temperature=0.0, ignore_eos=True)
+    params = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)
     ours = llm.generate(prompts, params)  # all eight batched together
     for prompt, output in zip(prompts, ours, strict=True):
         with torch.inference_mode():
             ref = smollm2_hf.generate(
                 torch.tensor([prompt]),
                 attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-                max_new_tokens=64,
-                min_new_tokens=64,
+                max_new_tokens=40,
+                min_new_tokens=40,
                 do_sample=False,
                 pad_token_id=tokenizer.eos_token_ids[0],
             )[0, len(prompt) :].tolist()
