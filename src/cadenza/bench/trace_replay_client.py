@@ -11,7 +11,8 @@ simulated client (``cadenza.sim.client``):
   same token counts and share KV exactly where the trace says;
 * the reply runs to the trace's output length (``max_tokens``, ``ignore_eos``);
 * a hint (``HintSession``) goes out ``hint_lead_s`` before the arrival, but not before the
-  previous turn finished (as the simulator counts it: its reply and its tool call); it is
+  previous turn's reply (as the simulator counts it: an agent's hint comes when its tool
+  call starts); it is
   sent in the background so a slow engine never delays the arrival behind it, but it is
   handed to the engine before a turn arriving at the same moment;
 * the turn asks for its KV to be retained for its tool call (``retention_ttl_s = tool_s``;
@@ -123,14 +124,15 @@ class TraceClient:
 
     async def _session(self, sid: str, turns: list[TraceTurn]) -> None:
         history: list[int] = []
-        ready = 0.0
+        ready = answered = 0.0  # previous answer plus its tool call; the previous answer
         for index, turn in enumerate(turns):
             if turn.arrival_s is not None:
                 arrival = max(turn.arrival_s, ready)
             else:
                 arrival = ready + (turn.think_s or 0.0)
             if turn.hint_lead_s is not None:
-                hint_at = max(ready, arrival - turn.hint_lead_s, self.now())
+                # An agent's hint comes when its tool call starts, i.e. at the previous answer.
+                hint_at = max(answered, arrival - turn.hint_lead_s, self.now())
                 await self._sleep_until(hint_at)
                 self._spawn(self._hint(sid, tuple(history), arrival))
                 # Let the hint reach the engine before a turn arriving at the same moment (the
@@ -145,7 +147,7 @@ class TraceClient:
             if outcome is None:
                 break  # rejected: the conversation cannot go on
             history, finish = outcome
-            ready = finish + (turn.tool_s or 0.0)
+            answered, ready = finish, finish + (turn.tool_s or 0.0)
         try:
             await self.engine.call(EndSession(sid, tuple(history)))
         except Exception:  # advice only: a failed end costs nothing but pins

@@ -16,8 +16,10 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 from cadenza.core.eviction import EvictionPolicy, LRUEviction
+from cadenza.core.eviction_index import EvictionIndex, supports
 from cadenza.core.hashing import BlockHash
 from cadenza.core.kv_events import KVEventLog
 from cadenza.core.transfer import Tier
@@ -39,6 +41,17 @@ class KVBlock:
     pin_until: float = 0.0
 
 
+class FreeQueueListener(Protocol):
+    """Told of every change to the pool's queue of unreferenced cached blocks (the tier
+    manager keeps its copy-out candidates from it)."""
+
+    def cached_free_added(self, blocks: list[KVBlock], seqs: Sequence[int]) -> None: ...
+
+    def cached_free_removed(self, blocks: list[KVBlock]) -> None: ...
+
+    def cached_free_updated(self, block: KVBlock) -> None: ...
+
+
 class BlockPool:
     def __init__(
         self,
@@ -56,6 +69,13 @@ class BlockPool:
         self._empty: OrderedDict[int, KVBlock] = OrderedDict((b.block_id, b) for b in self.blocks)
         # Unreferenced blocks that still hold findable content, least recently freed first.
         self._cached_free: OrderedDict[int, KVBlock] = OrderedDict()
+        # An index that ranks them for eviction without a scan (None for a policy it cannot
+        # rank), told each block's place in the queue (increasing numbers), and listeners.
+        self._next_seq = 0
+        self.free_index: EvictionIndex[KVBlock] | None = (
+            EvictionIndex(self.policy) if supports(self.policy) else None
+        )
+        self.free_listeners: list[FreeQueueListener] = []
         self._index: dict[BlockHash, KVBlock] = {}
         self.num_evictions = 0
         # Device events here; the tier manager adds host and disk events to the same log.
@@ -86,6 +106,48 @@ class BlockPool:
         """Unreferenced cached blocks, least recently freed first."""
         return list(self._cached_free.values())
 
+    @property
+    def num_cached_free_blocks(self) -> int:
+        return len(self._cached_free)
+
+    def is_cached_free(self, block: KVBlock) -> bool:
+        return block.block_id in self._cached_free
+
+    def free_seq(self, block: KVBlock) -> int:
+        """A cached free block's place in the free queue (later blocks have larger numbers);
+        kept only with an eviction index."""
+        assert self.free_index is not None
+        return self.free_index.seq_of(block)
+
+    def set_pin_until(self, block: KVBlock, until: float) -> None:
+        """Set a block's retention pin (the eviction ranking of a cached free block changes)."""
+        block.pin_until = until
+        if block.block_id in self._cached_free:
+            if self.free_index is not None:
+                self.free_index.update(block)
+            for listener in self.free_listeners:
+                listener.cached_free_updated(block)
+
+    def _entered_free(self, blocks: list[KVBlock]) -> None:
+        """``blocks`` were just appended to the cached free queue, in this order."""
+        if not blocks:
+            return
+        seqs = range(self._next_seq, self._next_seq + len(blocks))
+        self._next_seq += len(blocks)
+        if self.free_index is not None:
+            self.free_index.add_many(blocks, seqs)
+        for listener in self.free_listeners:
+            listener.cached_free_added(blocks, seqs)
+
+    def _left_free(self, blocks: list[KVBlock]) -> None:
+        """``blocks`` were just taken out of the cached free queue."""
+        if not blocks:
+            return
+        if self.free_index is not None:
+            self.free_index.remove_many(blocks)
+        for listener in self.free_listeners:
+            listener.cached_free_removed(blocks)
+
     def usage(self) -> float:
         return 1.0 - self.num_free_blocks / self.num_blocks
 
@@ -103,11 +165,15 @@ class BlockPool:
 
     def touch(self, blocks: Iterable[KVBlock]) -> None:
         """Take a reference on cached blocks (reviving them from the free queues if needed)."""
+        left = []
+        cached_free = self._cached_free
         for block in blocks:
             if block.ref_cnt == 0:
-                self._cached_free.pop(block.block_id, None)
+                if cached_free.pop(block.block_id, None) is not None:
+                    left.append(block)
                 self._empty.pop(block.block_id, None)
             block.ref_cnt += 1
+        self._left_free(left)
 
     def can_allocate(self, num_blocks: int) -> bool:
         return num_blocks <= self.num_free_blocks
@@ -121,13 +187,17 @@ class BlockPool:
         while self._empty and len(out) < num_blocks:
             out.append(self._empty.popitem(last=False)[1])
         if len(out) < num_blocks:
-            victims = self.policy.choose(self._cached_free.values(), num_blocks - len(out))
+            n = num_blocks - len(out)
+            victims = self.free_index.choose(n) if self.free_index is not None else None
+            if victims is None:
+                victims = self.policy.choose(self._cached_free.values(), n)
             if self.before_evict is not None:
                 self.before_evict(victims)
             for block in victims:
                 del self._cached_free[block.block_id]
                 self._evict(block)
                 out.append(block)
+            self._left_free(victims)
         for block in out:
             block.ref_cnt = 1
             block.pin_until = 0.0
@@ -138,17 +208,23 @@ class BlockPool:
         (callers pass a request's blocks tail first, so under LRU its tail goes before its
         prefix). ``accessed=False`` (a copy job letting go) leaves the last-access time alone."""
         now = self.clock()
-        for block in blocks:
-            block.ref_cnt -= 1
-            if block.ref_cnt < 0:
-                raise RuntimeError(f"block {block.block_id} freed more often than referenced")
-            if accessed:
-                block.last_access = now
-            if block.ref_cnt == 0:
-                if block.block_hash is None:
-                    self._empty[block.block_id] = block
-                else:
-                    self._cached_free[block.block_id] = block
+        entered: list[KVBlock] = []
+        cached_free = self._cached_free
+        try:
+            for block in blocks:
+                block.ref_cnt -= 1
+                if block.ref_cnt < 0:
+                    raise RuntimeError(f"block {block.block_id} freed more often than referenced")
+                if accessed:
+                    block.last_access = now
+                if block.ref_cnt == 0:
+                    if block.block_hash is None:
+                        self._empty[block.block_id] = block
+                    else:
+                        cached_free[block.block_id] = block
+                        entered.append(block)
+        finally:
+            self._entered_free(entered)
 
     def register(
         self,
@@ -173,12 +249,14 @@ class BlockPool:
         if block.ref_cnt == 0:
             self._empty.pop(block.block_id, None)
             self._cached_free[block.block_id] = block
+            self._entered_free([block])
         return True
 
     def drop(self, block: KVBlock) -> None:
         """Forget an unreferenced cached block now (for example: it failed verification)."""
         if block.ref_cnt == 0 and block.block_id in self._cached_free:
             del self._cached_free[block.block_id]
+            self._left_free([block])
             self._evict(block)
             self._empty[block.block_id] = block
 
@@ -191,8 +269,10 @@ class BlockPool:
         """Forget every cached key; refused (False) while any block is still referenced."""
         if self.num_free_blocks != self.num_blocks:
             return False
-        for block in list(self._cached_free.values()):
-            del self._cached_free[block.block_id]
+        cleared = list(self._cached_free.values())
+        self._cached_free.clear()
+        self._left_free(cleared)
+        for block in cleared:
             self._evict(block, emit=False)
             self._empty[block.block_id] = block
         self.events.emit_cleared(Tier.DEVICE)

@@ -29,7 +29,7 @@ from typing import Protocol
 
 from cadenza.config import EngineConfig
 from cadenza.core.eviction import CostModel, make_eviction_policy
-from cadenza.core.hashing import hash_seed
+from cadenza.core.hashing import BlockHash, hash_seed
 from cadenza.core.kv_cache_manager import KVCacheManager, PrefixLocation
 from cadenza.core.kv_events import KVEvent
 from cadenza.core.request import Request, RequestStatus
@@ -205,26 +205,32 @@ class EngineCore:
         token_ids: list[int],
         params: SamplingParams,
         cache_salt: str | None,
+        block_hashes: Sequence[BlockHash] = (),
     ) -> Request:
+        """A request over ``token_ids``; ``block_hashes`` may give the keys of its leading full
+        blocks, already computed by the caller (the rest are computed here)."""
         max_total = self.max_model_len
         if params.max_tokens is not None:
             max_total = min(max_total, len(token_ids) + params.max_tokens)
+        size = self.config.cache.block_size
         return Request(
             request_id=request_id,
             prompt_token_ids=token_ids,
             sampling_params=params,
             eos_token_ids=self.eos_token_ids,
-            block_size=self.config.cache.block_size,
+            block_size=size,
             hash_seed=hash_seed(self.fingerprint, cache_salt),
             max_total_tokens=max_total,
             cache_salt=cache_salt,
+            block_hashes=list(block_hashes[: len(token_ids) // size]),
         )
 
     def validate(self, token_ids: Sequence[int]) -> None:
         """Raise ValueError (with what to fix) for a prompt this engine cannot run."""
         if not token_ids:
             raise ValueError("the prompt is empty")
-        bad = [t for t in token_ids if not 0 <= t < self.vocab_size]
+        in_range = min(token_ids) >= 0 and max(token_ids) < self.vocab_size
+        bad = [] if in_range else [t for t in token_ids if not 0 <= t < self.vocab_size]
         if bad:
             raise ValueError(f"prompt token ids must be in [0, {self.vocab_size}); got {bad[:5]}")
         if len(token_ids) >= self.max_model_len:
@@ -246,15 +252,18 @@ class EngineCore:
         num_history_tokens: int = 0,
         retention_ttl_s: float = 0.0,
         resume_token_ids: Sequence[int] = (),
+        block_hashes: Sequence[BlockHash] = (),
     ) -> Request:
         """Queue a request; raises ValueError (nothing queued) if it cannot be served.
         ``resume_token_ids`` are output tokens already generated elsewhere: they are
-        prefilled after the prompt and count as this request's output."""
+        prefilled after the prompt and count as this request's output. ``block_hashes``: the
+        keys of the prompt's leading full blocks if the caller has them (``hashing``, seeded
+        with this engine's fingerprint and ``cache_salt``), which saves computing them again."""
         params = params or SamplingParams()
         request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
-        ids = [int(t) for t in token_ids]
+        ids = list(map(int, token_ids))
         self.validate(ids)
-        request = self.make_request(request_id, ids, params, cache_salt)
+        request = self.make_request(request_id, ids, params, cache_salt, block_hashes)
         request.arrival_time = arrival_time if arrival_time is not None else self.clock()
         request.priority = priority
         request.session_id = session_id
@@ -346,9 +355,10 @@ class EngineCore:
         if len(history) < 2:
             return
         probe = self._probe("end", history, cache_salt)
+        pool = self.scheduler.kv.pool
         for block in self.scheduler.kv.locate_prefix(probe).device:
             if block is not None:
-                block.pin_until = 0.0
+                pool.set_pin_until(block, 0.0)
 
     # ----------------------------------------------------------------------- one step
     def step(self) -> StepResult:

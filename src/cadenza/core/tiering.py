@@ -32,6 +32,7 @@ from typing import Protocol, runtime_checkable
 
 from cadenza.core.block_pool import BlockPool, KVBlock
 from cadenza.core.eviction import EvictionPolicy
+from cadenza.core.eviction_index import EvictionIndex, supports
 from cadenza.core.hashing import BlockHash
 from cadenza.core.kv_events import KVEventLog
 from cadenza.core.transfer import JobKind, Tier, TransferExecutor, TransferItem, TransferJob
@@ -69,7 +70,12 @@ class HostEntry:
 
 
 class HostIndex:
-    """Host RAM slots by block key, evicted by the same policy as the device pool."""
+    """Host RAM slots by block key, evicted by the same policy as the device pool.
+
+    ``entries`` is changed only through ``add`` and ``reserve``, and an entry's ``busy`` count
+    only through ``acquire`` / ``unacquire``: an index of the idle entries ranks them for
+    eviction without a scan, and ``on_change`` (the tier manager's) hears of every key added
+    or evicted."""
 
     def __init__(
         self, num_slots: int, policy: EvictionPolicy, events: KVEventLog | None = None
@@ -79,6 +85,13 @@ class HostIndex:
         self.events = events
         self.entries: dict[BlockHash, HostEntry] = {}
         self._free_slots = list(range(num_slots - 1, -1, -1))
+        # Each entry's place in ``entries`` (insertion order), and the idle ones ranked.
+        self._seq: dict[HostEntry, int] = {}
+        self._next_seq = 0
+        self._idle: EvictionIndex[HostEntry] | None = (
+            EvictionIndex(policy) if supports(policy) else None
+        )
+        self.on_change: Callable[[list[BlockHash], bool], None] | None = None
 
     def __contains__(self, key: BlockHash) -> bool:
         return key in self.entries
@@ -100,13 +113,23 @@ class HostIndex:
         slots = [self._free_slots.pop() for _ in range(min(n, len(self._free_slots)))]
         evicted: list[HostEntry] = []
         if len(slots) < n:
-            idle = (e for e in self.entries.values() if e.busy == 0)
-            for entry in self.policy.choose(idle, n - len(slots)):
+            k = n - len(slots)
+            chosen = self._idle.choose(k) if self._idle is not None else None
+            if chosen is None:
+                idle = (e for e in self.entries.values() if e.busy == 0)
+                chosen = self.policy.choose(idle, k)
+            for entry in chosen:
                 del self.entries[entry.key]
+                del self._seq[entry]
                 evicted.append(entry)
                 slots.append(entry.slot)
-            if evicted and self.events is not None:
-                self.events.emit_removed([e.key for e in evicted], Tier.HOST)
+            if evicted:
+                if self._idle is not None:
+                    self._idle.remove_many(evicted)
+                if self.on_change is not None:
+                    self.on_change([e.key for e in evicted], False)
+                if self.events is not None:
+                    self.events.emit_removed([e.key for e in evicted], Tier.HOST)
         return slots, evicted
 
     def take_free(self, n: int) -> list[int]:
@@ -117,12 +140,43 @@ class HostIndex:
     def add(self, entry: HostEntry) -> bool:
         """Index a filled slot; False (nothing changes) if the key is already held, in which
         case the caller releases the slot."""
-        if entry.key in self.entries:
-            return False
-        self.entries[entry.key] = entry
-        if self.events is not None:
-            self.events.emit_stored((entry.key,), Tier.HOST)
-        return True
+        return self.add_many([entry])[0]
+
+    def add_many(self, entries: Sequence[HostEntry]) -> list[bool]:
+        """``add`` each entry in turn; returns whether each was added."""
+        added: list[HostEntry] = []
+        result = []
+        held = self.entries
+        for entry in entries:
+            if entry.key in held:
+                result.append(False)
+                continue
+            held[entry.key] = entry
+            self._seq[entry] = self._next_seq
+            self._next_seq += 1
+            added.append(entry)
+            result.append(True)
+        if added:
+            if self._idle is not None:
+                idle = [e for e in added if e.busy == 0]
+                self._idle.add_many(idle, [self._seq[e] for e in idle])
+            keys = [e.key for e in added]
+            if self.on_change is not None:
+                self.on_change(keys, True)
+            if self.events is not None:
+                self.events.emit_stored(keys, Tier.HOST)
+        return result
+
+    def acquire(self, entry: HostEntry) -> None:
+        """A queued job reads this entry's slot: it cannot be evicted until ``unacquire``."""
+        entry.busy += 1
+        if entry.busy == 1 and self._idle is not None:
+            self._idle.remove(entry)
+
+    def unacquire(self, entry: HostEntry) -> None:
+        entry.busy -= 1
+        if entry.busy == 0 and self._idle is not None and self.entries.get(entry.key) is entry:
+            self._idle.add(entry, self._seq[entry])
 
     def release(self, slot: int) -> None:
         self._free_slots.append(slot)
@@ -186,6 +240,17 @@ class TierManager:
         # request) is dropped from here; its fetch then lands as ordinary cached blocks.
         self._fetching: dict[str, int] = {}
         self._offload_in_flight = 0
+        # Cached free device blocks without a host copy (the ahead-of-time copy's candidates),
+        # ranked for eviction without a scan; kept in step with the pool's free queue and the
+        # host tier's keys.
+        self._uncopied: EvictionIndex[KVBlock] | None = None
+        if self.host is not None and supports(policy):
+            self._uncopied = EvictionIndex(policy)
+            for block in pool.cached_free_blocks():
+                if block.block_hash not in self.host:
+                    self._uncopied.add(block, pool.free_seq(block))
+            pool.free_listeners.append(self)
+            self.host.on_change = self._host_key_changed
         pool.before_evict = self.offload_now
         pool.on_evict = self._on_device_evict
         self._journal = disk if isinstance(disk, DiskJournal) else None
@@ -242,7 +307,7 @@ class TierManager:
             if tier == Tier.HOST:
                 assert self.host is not None
                 entry = self.host.entries[key]
-                entry.busy += 1
+                self.host.acquire(entry)
                 busy.append(entry)
                 slot = entry.slot
             slots.append(slot)
@@ -289,17 +354,67 @@ class TierManager:
         target = int(self.aot_threshold * self.pool.num_blocks)
         if self.pool.num_empty_blocks >= target:
             return
-        candidates = [b for b in self.pool.cached_free_blocks() if self._movable(b)]
-        covered = sum(1 for b in candidates if self.has_host_copy(b.block_hash))  # type: ignore[arg-type]
-        shortfall = target - self.pool.num_empty_blocks - covered
-        if shortfall <= 0:
+        chosen = self._aot_candidates(target)
+        if not chosen:
             return
-        uncopied = [b for b in candidates if not self.has_host_copy(b.block_hash)]  # type: ignore[arg-type]
-        chosen = self.policy.choose(uncopied, min(shortfall, self.max_job_blocks))
         job = self._copy_out(chosen, JobKind.OFFLOAD)
         if job is not None:
             self._offload_in_flight += 1
             self.executor.submit(job)
+
+    def _aot_candidates(self, target: int) -> list[KVBlock]:
+        """The cached free blocks without a host copy to copy out now, if enough blocks
+        without one are short of ``target`` empty-or-copied blocks."""
+        pool = self.pool
+        index = self._uncopied
+        if index is not None:
+            # Every cached free block is registered (movable); those not in the index have
+            # a host copy.
+            covered = pool.num_cached_free_blocks - len(index)
+            shortfall = target - pool.num_empty_blocks - covered
+            if shortfall <= 0:
+                return []
+            n = min(shortfall, self.max_job_blocks)
+            chosen = index.choose(n)
+            if chosen is not None:
+                return chosen
+            uncopied = [b for b in pool.cached_free_blocks() if b in index]
+            return self.policy.choose(uncopied, n)
+        candidates = [b for b in pool.cached_free_blocks() if self._movable(b)]
+        covered = sum(1 for b in candidates if self.has_host_copy(b.block_hash))  # type: ignore[arg-type]
+        shortfall = target - pool.num_empty_blocks - covered
+        if shortfall <= 0:
+            return []
+        uncopied = [b for b in candidates if not self.has_host_copy(b.block_hash)]  # type: ignore[arg-type]
+        return self.policy.choose(uncopied, min(shortfall, self.max_job_blocks))
+
+    # The pool's free queue and the host tier's keys, mirrored into ``_uncopied``.
+    def cached_free_added(self, blocks: list[KVBlock], seqs: Sequence[int]) -> None:
+        assert self._uncopied is not None and self.host is not None
+        entries = self.host.entries
+        pairs = [(b, s) for b, s in zip(blocks, seqs, strict=True) if b.block_hash not in entries]
+        if pairs:
+            self._uncopied.add_many([b for b, _ in pairs], [s for _, s in pairs])
+
+    def cached_free_removed(self, blocks: list[KVBlock]) -> None:
+        assert self._uncopied is not None
+        self._uncopied.remove_many(blocks)
+
+    def cached_free_updated(self, block: KVBlock) -> None:
+        assert self._uncopied is not None
+        self._uncopied.update(block)
+
+    def _host_key_changed(self, keys: list[BlockHash], present: bool) -> None:
+        index, pool = self._uncopied, self.pool
+        assert index is not None
+        blocks = [b for b in map(pool.get, keys) if b is not None and pool.is_cached_free(b)]
+        if present:
+            index.remove_many(blocks)
+            return
+        blocks = [b for b in blocks if b not in index]
+        # Back among the copy-out candidates, in their place in the free queue.
+        blocks.sort(key=pool.free_seq)
+        index.add_many(blocks, [pool.free_seq(b) for b in blocks])
 
     def offload_now(self, blocks: Iterable[KVBlock]) -> None:
         """Copy registered blocks without a lower copy out, synchronously: for swap preemption,
@@ -379,39 +494,41 @@ class TierManager:
         if pending is None:
             return
         for entry in pending.host_entries:
-            entry.busy -= 1
+            assert self.host is not None
+            self.host.unacquire(entry)
         if job.kind == JobKind.FETCH:
             self._apply_fetch(job, pending.device_blocks)
             return
         by_block = {b.block_id: b for b in pending.device_blocks}
         used_slots = set()
+        landed: list[tuple[TransferItem, HostEntry | None]] = []
         for item in job.items:
             if item.dst == Tier.DISK:
                 self.stats.persisted_blocks += item.ok
                 continue
             used_slots.add(item.dst_slot)
             block = by_block[item.src_slot]
+            entry = None
+            if item.ok:
+                entry = HostEntry(
+                    item.key,
+                    item.parent,
+                    item.token_ids,
+                    item.dst_slot,
+                    block.position,
+                    block.num_tokens,
+                    block.last_access,
+                )
+            landed.append((item, entry))
+        if self.host is not None:
             # Two jobs may copy the same block (an ahead-of-time copy still in flight when a
             # preemption copies it again); the first copy to land is kept.
-            if (
-                item.ok
-                and self.host is not None
-                and self.host.add(
-                    HostEntry(
-                        item.key,
-                        item.parent,
-                        item.token_ids,
-                        item.dst_slot,
-                        block.position,
-                        block.num_tokens,
-                        block.last_access,
-                    )
-                )
-            ):
-                self.stats.offloaded_blocks += 1
-            elif self.host is not None:
-                self.host.release(item.dst_slot)
-        if self.host is not None:
+            added = iter(self.host.add_many([e for _, e in landed if e is not None]))
+            for item, entry in landed:
+                if entry is not None and next(added):
+                    self.stats.offloaded_blocks += 1
+                else:
+                    self.host.release(item.dst_slot)
             for slot in pending.host_slots:
                 if slot not in used_slots:
                     self.host.release(slot)
@@ -496,10 +613,10 @@ class TierManager:
             if block.block_hash is None:
                 continue
             if block.pin_until > now:
-                block.pin_until = max(block.pin_until, until)
+                self.pool.set_pin_until(block, max(block.pin_until, until))
                 pinned += 1
             elif room > 0:
-                block.pin_until = until
+                self.pool.set_pin_until(block, until)
                 room -= 1
                 pinned += 1
         return pinned

@@ -5,7 +5,8 @@ turn and its tool call finished, if later), or ``think_s`` after that moment. It
 session's history — the shared prefix, every earlier prompt delta and every token the engine
 generated — plus the turn's new input tokens; the reply runs to the trace's output length
 (``max_tokens``, ``ignore_eos``). A hint goes out ``hint_lead_s`` before the arrival, but not
-before the previous turn finished (a client cannot type before it has read the answer). A turn
+before the previous turn's answer (a client cannot type before it has read the answer; an
+agent's hint comes when its tool call starts, so the lead covers the tool's time). A turn
 asks the cluster to retain its KV for its tool call (``retention_ttl_s = tool_s``; else the
 run's default TTL).
 """
@@ -86,7 +87,10 @@ class TraceClient:
             self._schedule(session, ready=0.0)
 
     # ------------------------------------------------------------------ arrivals
-    def _schedule(self, session: _Session, ready: float) -> None:
+    def _schedule(self, session: _Session, ready: float, answered: float | None = None) -> None:
+        """Schedule the session's next turn: it arrives at ``ready`` (the previous answer plus
+        its tool call) or later; its hint may go out as early as ``answered`` (the previous
+        answer itself: an agent's hint comes when its tool call starts)."""
         if session.next_turn >= len(session.turns):
             self.router.forget(session.session_id)
             return
@@ -96,7 +100,8 @@ class TraceClient:
         else:
             arrival = ready + (turn.think_s or 0.0)
         if turn.hint_lead_s is not None:
-            hint_at = max(ready, arrival - turn.hint_lead_s, self.events.now)
+            earliest = ready if answered is None else answered
+            hint_at = max(earliest, arrival - turn.hint_lead_s, self.events.now)
             self.events.at(hint_at, lambda: self._hint(session, arrival))
         self.events.at(arrival, lambda: self._arrive(session, arrival))
 
@@ -150,6 +155,7 @@ class TraceClient:
                 session_id=session.session_id,
                 num_history_tokens=max(history_tokens - 1, 0),
                 retention_ttl_s=ttl,
+                block_hashes=session.keys,  # the keys of ``tokens``, computed at arrival
             )
         except ValueError as e:  # longer than this model's context or the KV pool
             self.rejected.append((session.session_id, index, str(e)))
@@ -199,6 +205,7 @@ class TraceClient:
             )
         )
         session.history = list(request.all_token_ids)
-        extend_block_hashes(session.keys, session.history, self.block_size, self.hash_seed)
+        # The request keyed every full block of its tokens, with this client's seed.
+        session.keys = list(request.block_hashes)
         session.next_turn += 1
-        self._schedule(session, ready=t + flight.tool_s)
+        self._schedule(session, ready=t + flight.tool_s, answered=t)

@@ -58,16 +58,22 @@ class RooflineCost:
         self._attention_flops_per_s = peak * params.attention_efficiency
         self._bytes_per_s = gpu.hbm_gbps * 1e9 * params.memory_efficiency
         self._pair_flops = 4 * model.num_layers * model.num_heads * model.head_dim
+        # The shape's integer sizes, read once (a step is priced millions of times).
+        self._linear_params = model.linear_params
+        self._head_params = model.head_params
+        self._dtype_bytes = model.dtype_bytes
+        self._kv_bytes_per_token = model.kv_bytes_per_token
 
     def step_seconds(self, shape: StepShape) -> float:
-        m, p = self.model, self.params
+        p = self.params
         if shape.seqs == 0:
             return 0.0
-        gemm_flops = 2 * shape.tokens * m.linear_params + 2 * shape.sampled * m.head_params
-        weight_bytes = (m.linear_params + (m.head_params if shape.sampled else 0)) * m.dtype_bytes
+        linear, head = self._linear_params, self._head_params
+        gemm_flops = 2 * shape.tokens * linear + 2 * shape.sampled * head
+        weight_bytes = (linear + (head if shape.sampled else 0)) * self._dtype_bytes
         gemm = max(gemm_flops / self._matmul_flops_per_s, weight_bytes / self._bytes_per_s)
         attn_flops = self._pair_flops * shape.attention_pairs
-        kv_bytes = m.kv_bytes_per_token * (shape.context_tokens + shape.tokens)
+        kv_bytes = self._kv_bytes_per_token * (shape.context_tokens + shape.tokens)
         attention = max(attn_flops / self._attention_flops_per_s, kv_bytes / self._bytes_per_s)
         return p.step_overhead_s + p.seq_overhead_s * shape.seqs + gemm + attention
 

@@ -44,6 +44,11 @@ class SimConfig:
     rebalance_margin: int = CostParams.rebalance_margin
     calibration: str | None = None  # cpu: a `cadenza simulate calibrate` file
     gpu_params: tuple[str, ...] = ()  # roofline NAME=VALUE overrides
+    # Optional overrides (None / the defaults: as before), used by the reproductions:
+    num_kv_heads: int | None = None  # a GQA variant of the model (Pensieve's Llama-2-13B: 10)
+    max_model_len: int | None = None  # longest request (default: the model's context)
+    enable_prefix_caching: bool = True  # False: every prompt recomputed (vLLM v0.2)
+    scheduling_policy: str = "fcfs"  # "program": Continuum's program-level FCFS
 
     def __post_init__(self) -> None:
         if self.workers <= 0:
@@ -75,6 +80,8 @@ class Resolved:
 
 def resolve(config: SimConfig) -> Resolved:
     model = model_shape(config.model_name)
+    if config.num_kv_heads is not None:
+        model = dataclasses.replace(model, num_kv_heads=config.num_kv_heads)
     block_bytes = model.block_bytes(config.block_size)
     details: dict[str, Any] = {"model": model.name, "block_bytes": block_bytes}
     cost: StepCost
@@ -108,10 +115,12 @@ def resolve(config: SimConfig) -> Resolved:
             block_size=config.block_size,
             num_blocks=num_blocks,
             kv_eviction_policy=config.eviction,  # type: ignore[arg-type]
+            enable_prefix_caching=config.enable_prefix_caching,
         ),
         scheduler=SchedulerConfig(
             max_num_batched_tokens=config.max_num_batched_tokens,
             max_num_seqs=config.max_num_seqs,
+            policy=config.scheduling_policy,  # type: ignore[arg-type]
         ),
     )
     spec = WorkerSpec(
@@ -121,7 +130,7 @@ def resolve(config: SimConfig) -> Resolved:
         disk_blocks=int(config.disk_gib * GIB // block_bytes),
         links=links,
         fingerprint=f"sim:{model.name}",
-        max_model_len=model.max_context,
+        max_model_len=config.max_model_len or model.max_context,
         seed=config.seed,
     )
     costs = CostParams(

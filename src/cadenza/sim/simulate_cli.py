@@ -16,8 +16,10 @@ import time
 from pathlib import Path
 
 from cadenza.cluster.placement import POLICY_NAMES
+from cadenza.sim import speed
 from cadenza.sim.hardware import GPUS
 from cadenza.sim.model_shapes import MODELS
+from cadenza.sim.repro.cli import add_reproduce_parser
 from cadenza.sim.setup import COST_MODELS, SimConfig
 
 
@@ -104,6 +106,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     cal.add_argument("--num-threads", type=int, default=None, help="torch threads")
     cal.add_argument("--quick", action="store_true", help="fewer shapes (about a third)")
     cal.add_argument("--disk-dir", default=None, help="where to probe disk bandwidth")
+    speed.add_parser(sub)  # cadenza simulate speed (sim/speed.py)
+    add_reproduce_parser(sub)  # cadenza simulate reproduce NAME
     parser.set_defaults(func=run)
 
 

@@ -1,0 +1,304 @@
+"""An index of eviction candidates that answers ``EvictionPolicy.choose`` without a full scan.
+
+``choose`` over a free queue ranks every candidate: ``(pinned, value)``, ties kept in queue
+order. The block pool, the tier manager's copy-out candidates and the host tier call it on
+every allocation that evicts, so with tens of thousands of cached blocks the scan dominated
+a long simulation. This index returns exactly the same entries in the same order, in time
+proportional to the number of distinct last-access times among the candidates (a request's
+blocks are let go together, so that is about the number of cached conversations), not to the
+number of candidates:
+
+* candidates are grouped by ``last_access``; within a group every entry has the same idle
+  time, so both policies rank it by a static per-entry cost (the chunk's recompute cost for
+  the cost-aware policy, nothing for LRU) and then by queue order; a group is sorted when
+  ``choose`` next needs it, and removed entries are skipped there (lazily);
+* ``choose`` merges the groups' heads, computing each head's value exactly as the policy does;
+* entries with a pin (``pin_until``) wait in a side heap until the pin expires; entries still
+  pinned rank after all others, as in the policy, and are ranked by a scan (pins are capped).
+
+The owner reports every change of membership (``add`` / ``remove``, with the entry's position
+in queue order) and of an entry's ranking fields while it is a candidate (``update``). If two
+distinct costs are so close that dividing them by the same idle time could round them to one
+value (where the policy would fall back to queue order), ``choose`` returns None and the owner
+runs the policy's scan instead: the answer is always the policy's.
+"""
+
+from __future__ import annotations
+
+import bisect
+import heapq
+import itertools
+import operator
+import weakref
+from collections.abc import Iterable
+from typing import Generic, TypeVar
+
+from cadenza.core.eviction import (
+    CHUNK_TOKENS,
+    CostAwareEviction,
+    Evictable,
+    EvictionPolicy,
+    LRUEviction,
+)
+
+E = TypeVar("E", bound=Evictable)
+
+# Two distinct chunk costs closer than this (relatively) could tie once divided by an idle
+# time; past that bound, division keeps their order and the grouped ranking is exact.
+_MIN_COST_GAP = 1e-12
+_IDLE_FLOOR = 1e-3  # as in CostAwareEviction.value
+
+# An entry as indexed: (cost, seq, entry, last_access, pin_until), ranked within its group by
+# (cost, seq). Alive while the index's ``_live`` maps the entry to this very tuple.
+_Item = tuple[float, int, E, float, float]
+_rank = operator.itemgetter(0, 1)
+
+
+def supports(policy: EvictionPolicy) -> bool:
+    """Whether ``policy`` ranks as the index assumes (a subclass may rank otherwise)."""
+    return type(policy) in (EvictionPolicy, LRUEviction, CostAwareEviction)
+
+
+class _CostTable:
+    """A cost-aware policy's chunk costs by chunk end, memoised, and whether every two
+    distinct ones are far enough apart (``separated``)."""
+
+    def __init__(self, policy: CostAwareEviction) -> None:
+        self.cost = policy.cost
+        self.by_end: dict[int, float] = {}
+        self.distinct: list[float] = []
+        self.separated = True
+
+    def __call__(self, end: int) -> float:
+        cost = self.by_end[end] = self.cost(end)
+        distinct = self.distinct
+        i = bisect.bisect_left(distinct, cost)
+        if i < len(distinct) and distinct[i] == cost:
+            return cost
+        for j in (i - 1, i):
+            if 0 <= j < len(distinct):
+                other = distinct[j]
+                if abs(cost - other) <= _MIN_COST_GAP * max(abs(cost), abs(other)):
+                    self.separated = False
+        distinct.insert(i, cost)
+        return cost
+
+
+_TABLES: weakref.WeakKeyDictionary[EvictionPolicy, _CostTable] = weakref.WeakKeyDictionary()
+
+
+class _Group:
+    """The grouped entries of one last-access time: ``items[start:]``, sorted by rank unless
+    ``dirty`` (new groups fill unsorted), with removed entries among them."""
+
+    __slots__ = ("items", "start", "dirty", "alive")
+
+    def __init__(self) -> None:
+        self.items: list[_Item] = []
+        self.start = 0
+        self.dirty = False
+        self.alive = 0
+
+
+class EvictionIndex(Generic[E]):
+    def __init__(self, policy: EvictionPolicy) -> None:
+        if not supports(policy):
+            raise ValueError(f"no eviction index for {type(policy).__name__}")
+        self.policy = policy
+        self._table: _CostTable | None = None
+        if isinstance(policy, CostAwareEviction):
+            table = _TABLES.get(policy)
+            if table is None:
+                table = _TABLES[policy] = _CostTable(policy)
+            self._table = table
+        self._live: dict[E, _Item] = {}
+        self._groups: dict[float, _Group] = {}
+        # Entries not yet known to be unpinned: (pin_until, tiebreak, item).
+        self._pins: list[tuple[float, int, _Item]] = []
+        self._tiebreak = itertools.count()
+        # Entries with pin_until <= this are grouped (a clock before it regroups everything).
+        self._watermark = 0.0
+
+    def __len__(self) -> int:
+        return len(self._live)
+
+    def __contains__(self, entry: object) -> bool:
+        return entry in self._live
+
+    @property
+    def exact(self) -> bool:
+        return self._table is None or self._table.separated
+
+    def seq_of(self, entry: E) -> int:
+        return self._live[entry][1]
+
+    # ------------------------------------------------------------------ membership
+    def add(self, entry: E, seq: int) -> None:
+        """``entry`` became a candidate; ``seq`` orders it among the others (queue order)."""
+        self.add_many((entry,), (seq,))
+
+    def add_many(self, entries: Iterable[E], seqs: Iterable[int]) -> None:
+        """``entries`` became candidates, with their ``seqs`` (increasing in queue order)."""
+        table = self._table
+        by_end = table.by_end if table is not None else None
+        live, groups, watermark = self._live, self._groups, self._watermark
+        last_access: float | None = None
+        group = _Group()
+        for entry, seq in zip(entries, seqs, strict=True):
+            if by_end is None:
+                cost = 0.0
+            else:
+                end = -(-(entry.position + entry.num_tokens) // CHUNK_TOKENS) * CHUNK_TOKENS
+                cost = by_end.get(end)  # type: ignore[assignment]
+                if cost is None:
+                    cost = table(end)  # type: ignore[misc]
+            accessed = entry.last_access
+            item = (cost, seq, entry, accessed, entry.pin_until)
+            live[entry] = item
+            if item[4] > watermark:
+                self._pin(item)
+                continue
+            if accessed != last_access:  # a batch usually shares one last-access time
+                last_access = accessed
+                found = groups.get(accessed)
+                if found is None:
+                    found = groups[accessed] = _Group()
+                    found.dirty = True
+                group = found
+            items = group.items
+            if group.dirty or len(items) == group.start or _rank(items[-1]) < (cost, seq):
+                items.append(item)
+            else:
+                bisect.insort(items, item, lo=group.start, key=_rank)
+            group.alive += 1
+
+    def remove(self, entry: E) -> None:
+        self.remove_many((entry,))
+
+    def remove_many(self, entries: Iterable[E]) -> None:
+        """``entries`` are no longer candidates (those that were not are ignored)."""
+        live, groups, watermark = self._live, self._groups, self._watermark
+        for entry in entries:
+            item = live.pop(entry, None)
+            if item is None or item[4] > watermark:
+                continue  # not a candidate, or left in the pin heap (dropped there lazily)
+            group = groups[item[3]]
+            group.alive -= 1
+            if not group.alive:
+                del groups[item[3]]
+            elif len(group.items) - group.start > 2 * group.alive + 16:
+                group.dirty = True  # mostly removed entries: rebuilt at the next ``choose``
+        # Removed entries are skipped where they still sit in a group's list.
+
+    def update(self, entry: E) -> None:
+        """``entry``'s ranking fields changed (a pin) while it is a candidate."""
+        item = self._live.get(entry)
+        if item is not None:
+            self.remove_many((entry,))
+            self.add_many((entry,), (item[1],))
+
+    def _group(self, item: _Item) -> None:
+        group = self._groups.get(item[3])
+        if group is None:
+            group = self._groups[item[3]] = _Group()
+            group.dirty = True
+        items = group.items
+        if group.dirty or len(items) == group.start or _rank(items[-1]) < _rank(item):
+            items.append(item)
+        else:
+            bisect.insort(items, item, lo=group.start, key=_rank)
+        group.alive += 1
+
+    def _pin(self, item: _Item) -> None:
+        pins = self._pins
+        heapq.heappush(pins, (item[4], next(self._tiebreak), item))
+        if len(pins) > 2 * len(self._live) + 1024:  # drop removed entries' leftovers
+            live = self._live
+            self._pins = [p for p in pins if live.get(p[2][2]) is p[2]]
+            heapq.heapify(self._pins)
+
+    # ------------------------------------------------------------------ time
+    def _advance(self, now: float) -> None:
+        """Group every entry whose pin has expired by ``now``."""
+        if now < self._watermark:  # a clock that went back: place everything again
+            items = list(self._live.values())
+            self._groups.clear()
+            self._pins.clear()
+            self._watermark = now
+            for item in items:
+                if item[4] <= now:
+                    self._group(item)
+                else:
+                    self._pin(item)
+            return
+        self._watermark = now
+        pins, live = self._pins, self._live
+        while pins and pins[0][0] <= now:
+            item = heapq.heappop(pins)[2]
+            if live.get(item[2]) is item:
+                self._group(item)
+
+    # ------------------------------------------------------------------ choosing
+    def choose(self, n: int) -> list[E] | None:
+        """What ``policy.choose(candidates in queue order, n)`` returns, or None when only the
+        policy's scan can answer exactly."""
+        if not self.exact:
+            return None
+        if n <= 0:
+            return []
+        now = self.policy.clock()
+        self._advance(now)
+        live = self._live
+        cost_aware = self._table is not None
+        heads: list[tuple[float, int, int, list[_Item]]] = []
+        for last_access, group in self._groups.items():
+            items = group.items
+            if group.dirty:
+                items = group.items = sorted(
+                    (it for it in items[group.start :] if live.get(it[2]) is it), key=_rank
+                )
+                group.start = 0
+                group.dirty = False
+            i = group.start
+            while live.get(items[i][2]) is not items[i]:
+                i += 1
+            group.start = i
+            if cost_aware:
+                idle = now - last_access
+                value = items[i][0] / (idle if idle > _IDLE_FLOOR else _IDLE_FLOOR)
+            else:
+                value = last_access
+            heads.append((value, items[i][1], i, items))
+        heapq.heapify(heads)
+        out: list[E] = []
+        while heads and len(out) < n:
+            _, _, i, items = heads[0]
+            item = items[i]
+            out.append(item[2])
+            i += 1
+            while i < len(items) and live.get(items[i][2]) is not items[i]:
+                i += 1
+            if i == len(items):
+                heapq.heappop(heads)
+                continue
+            cost, seq, _, last_access, _ = items[i]
+            if cost_aware:
+                idle = now - last_access
+                value = cost / (idle if idle > _IDLE_FLOOR else _IDLE_FLOOR)
+            else:
+                value = last_access
+            heapq.heapreplace(heads, (value, seq, i, items))
+        if len(out) < n:
+            out.extend(self._pinned(now)[: n - len(out)])
+        return out
+
+    def _pinned(self, now: float) -> list[E]:
+        """Candidates still pinned at ``now``, in the policy's order."""
+        policy, live = self.policy, self._live
+        ranked = [
+            (policy.key(item[2], now), item[1], item[2])
+            for _, _, item in self._pins
+            if live.get(item[2]) is item
+        ]
+        ranked.sort(key=lambda t: (t[0], t[1]))
+        return [entry for _, _, entry in ranked]
