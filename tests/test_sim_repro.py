@@ -241,3 +241,12 @@ def test_hint_regimes_tiny_and_deterministic(options):
     again = hint_regimes.run(dataclasses.replace(options, out_dir=options.out_dir / "b"), plan)
     assert again.data == first.data
     assert "Where the gain is negative" in first.markdown
+
+
+@pytest.mark.parametrize("module", [symphony, mell, pensieve, continuum, hint_regimes])
+def test_plans_for_quick_and_scale(module):
+    full = module.plan_for(Options())
+    quick = module.plan_for(Options(quick=True))
+    half = module.plan_for(Options(scale=0.5))
+    assert quick != full and half != full
+    assert type(quick) is type(full) is type(half)

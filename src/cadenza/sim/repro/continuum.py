@@ -43,7 +43,7 @@ VARIANTS = {  # name: (pin tool calls up to this long (None: all, -1: none), sch
 class Plan:
     gpu: str = "A100-40GB"
     model: str = "llama-3.1-8b"
-    rates: tuple[float, ...] = (0.04, 0.08, 0.12)  # programs started per s
+    rates: tuple[float, ...] = (0.04, 0.06, 0.08, 0.12)  # programs started per s
     arrive_s: float = 1200.0
     warmup_s: float = 200.0  # programs starting in [warmup_s, arrive_s) are measured
     host_gib: float = 0.0

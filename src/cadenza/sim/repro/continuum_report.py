@@ -68,7 +68,14 @@ WHY = """\
   Continuum's preview rule (pin 2 s when a tool's running average is at most 2 s) is
   approximated per call, as the generator has no tool types.
 * **Engine.** Cadenza's engine core with a roofline GPU and no host tier; eviction is its
-  cost-aware policy, which already favours keeping recently used conversations.
+  cost-aware policy, which already favours keeping recently used conversations, so the
+  no-pin baseline loses less to tool calls than vLLM's LRU prefix cache would.
+* **Pins and memory.** Below memory pressure (the lowest rate) nothing is evicted during a
+  tool call and pins change nothing. Past it, every pinned context is memory the running
+  steps cannot use: pins alone can cost more recompute than they save (compare the
+  recomputed tokens of `pin` and `no-pin`), while ordering by program (a returning step
+  before a new program's first) lets running programs finish and free their KV; the table
+  separates the two effects (`pin` against `pin+program`).
 """
 
 

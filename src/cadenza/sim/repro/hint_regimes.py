@@ -46,6 +46,8 @@ class Plan:
     host_gib: float = 64.0
     target_turns: int = 400
     conversations: int | None = None
+    # Gains within this of 0 are read as no effect (run-to-run noise of a finite window).
+    noise: float = 0.01
 
 
 def plan_for(options: Options) -> Plan:

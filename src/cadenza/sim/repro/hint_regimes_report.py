@@ -28,10 +28,11 @@ def gain_table(data: dict[str, Any], key: str) -> str:
 
 def negative_rows(data: dict[str, Any]) -> list[list[Any]]:
     rows = []
+    noise = data["plan"].get("noise", 0.0)
     for key, entry in data["grid"].items():
         ref = entry["kv-aware"]
         for name, c in entry["symphony"].items():
-            if c["gain"] < 0:
+            if c["gain"] < -noise:
                 rows.append(
                     [
                         key,
@@ -76,7 +77,16 @@ def markdown(data: dict[str, Any], options: Options) -> str:
             "",
         ]
     negative = negative_rows(data)
-    parts += ["## Where the gain is negative", ""]
+    gains = [c["gain"] for e in data["grid"].values() for c in e["symphony"].values()]
+    noise = plan.get("noise", 0.0)
+    parts += [
+        "## Where the gain is negative",
+        "",
+        f"Of {len(gains)} cells, {sum(g > noise for g in gains)} gain more than {noise:.0%},"
+        f" {sum(abs(g) <= noise for g in gains)} are within ±{noise:.0%} (no measurable"
+        f" effect) and {sum(g < -noise for g in gains)} lose more than {noise:.0%}.",
+        "",
+    ]
     if negative:
         parts += [
             table(
@@ -95,7 +105,7 @@ def markdown(data: dict[str, Any], options: Options) -> str:
             "",
         ]
     else:
-        parts += ["No cell of this grid has a negative gain.", ""]
+        parts += [f"No cell of this grid loses more than {noise:.0%}.", ""]
     parts += [WHY]
     return "\n".join(parts)
 

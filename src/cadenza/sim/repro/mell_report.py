@@ -109,11 +109,14 @@ def timeline_table(data: dict[str, Any]) -> str:
 WHY = """\
 ## Why ours differs
 
-* **Scale.** MELL's bars are 30-90 GPUs; here the same arrival rates on roofline GPUs need
-  far fewer, because a roofline GPU decodes faster than the paper's testbed (requests live
-  shorter, so fewer are resident at once) and ShareGPT turns x10 stand in for LMSYS-Chat /
-  WildChat x10. With a handful of GPUs a peak moves in whole GPUs, so a percentage can jump
-  by 10-20 points for one GPU.
+* **Timelines.** MELL's GPU counts come from request speeds measured on its testbed; ours
+  from the simulator's roofline GPUs (see the timeline table: how long requests live sets
+  how many are resident at once). The counts differ in absolute terms; what compares is
+  the packers' ratios on the same timelines. With tens of GPUs one GPU is a few percent of
+  a peak, so small differences are within a GPU or two. Timelines do not feed back from a
+  packing (a packed GPU would decode a little slower), as in MELL's own simulation.
+* **Workload.** ShareGPT turns x10 stand in for LMSYS-Chat / WildChat x10, over a shorter
+  span than the paper's (see the conditions): a peak over a shorter span is lower.
 * **Lengths.** Requests longer than one GPU's KV capacity are dropped (none of the packers
   could hold them); MELL's long-context x10 scaling assumes a model that accepts them, so the
   simulator's context limit is raised to the GPU's KV capacity.

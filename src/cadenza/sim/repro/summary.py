@@ -31,13 +31,16 @@ def write_summary(out_dir: Path) -> Path:
     if regimes.is_file():
         data = json.loads(regimes.read_text(encoding="utf-8"))
         gains = [c["gain"] for e in data["grid"].values() for c in e["symphony"].values()]
-        negative = sum(g < 0 for g in gains)
+        noise = data["plan"].get("noise", 0.0)
+        negative = sum(g < -noise for g in gains)
+        positive = sum(g > noise for g in gains)
         rows.append(
             [
                 "hint-regimes",
                 "symphony's gain over kv-aware, lead x accuracy x bandwidth x load",
                 "prefetching never paid (arXiv 2609.16215)",
-                f"{negative} of {len(gains)} cells negative; gain from"
+                f"of {len(gains)} cells {positive} gain and {negative} lose more than"
+                f" {noise:.0%}; gain from"
                 f" {min(gains, default=0):+.1%} to {max(gains, default=0):+.1%}"
                 " (see repro-hint-regimes.md)",
             ]
