@@ -273,21 +273,29 @@ class EvictionIndex(Generic[E]):
         out: list[E] = []
         while heads and len(out) < n:
             _, _, i, items = heads[0]
-            item = items[i]
-            out.append(item[2])
-            i += 1
-            while i < len(items) and live.get(items[i][2]) is not items[i]:
+            # The best head of the other groups: the smaller child of the heap's root. The
+            # root's group goes on giving entries while they rank before it.
+            k = len(heads)
+            other = None if k == 1 else heads[1] if k == 2 or heads[1] < heads[2] else heads[2]
+            while True:
+                out.append(items[i][2])
                 i += 1
-            if i == len(items):
-                heapq.heappop(heads)
-                continue
-            cost, seq, _, last_access, _ = items[i]
-            if cost_aware:
-                idle = now - last_access
-                value = cost / (idle if idle > _IDLE_FLOOR else _IDLE_FLOOR)
-            else:
-                value = last_access
-            heapq.heapreplace(heads, (value, seq, i, items))
+                while i < len(items) and live.get(items[i][2]) is not items[i]:
+                    i += 1
+                if i == len(items):
+                    heapq.heappop(heads)
+                    break
+                if len(out) == n:
+                    break
+                cost, seq, _, last_access, _ = items[i]
+                if cost_aware:
+                    idle = now - last_access
+                    value = cost / (idle if idle > _IDLE_FLOOR else _IDLE_FLOOR)
+                else:
+                    value = last_access
+                if other is not None and (other[0], other[1]) < (value, seq):
+                    heapq.heapreplace(heads, (value, seq, i, items))
+                    break
         if len(out) < n:
             out.extend(self._pinned(now)[: n - len(out)])
         return out

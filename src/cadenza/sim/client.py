@@ -93,6 +93,7 @@ class TraceClient:
         answer itself: an agent's hint comes when its tool call starts)."""
         if session.next_turn >= len(session.turns):
             self.router.forget(session.session_id)
+            session.history, session.keys = [], []  # nothing reads them again: free them
             return
         turn = session.turns[session.next_turn]
         if turn.arrival_s is not None:
