@@ -402,3 +402,34 @@ def test_cached_by_tier_splits_device_host_and_disk_blocks() -> None:
     assert request.num_cached_tokens == 20
     assert request.cached_by_tier == {"device": 8, "host": 8, "disk": 4}
 
+
+
+def test_waiter_whose_device_prefix_is_evicted_meanwhile_fetches_it_from_host() -> None:
+    # A session's next turn finds its whole history on the device but no room to run, so it
+    # waits. Meanwhile its unreferenced blocks are copied out and evicted. When room comes it
+    # must fetch them back from host, not recompute what an earlier turn computed.
+    sched = make_scheduler(20, budget=64)
+    tiers = attach_tiers(sched, FakeExecutor(), host_slots=64)
+    first = make_request("t1", tokens(1, 24), 1, session="s")
+    sched.add_request(first)
+    run_until_done(sched)
+    hog = make_request("hog", tokens(500, 40), 8)
+    sched.add_request(hog)
+    step(sched)
+    assert hog.status == RequestStatus.RUNNING
+    history = list(first.all_token_ids)
+    second = make_request("t2", history + tokens(900, 12), 4, session="s")
+    sched.add_request(second)
+    step(sched)
+    assert second.status == RequestStatus.WAITING  # no room while "hog" runs
+    assert tiers.stats.fetch_jobs == 0  # nothing below the device to fetch yet
+    session_blocks = [b for b in sched.kv.pool.cached_free_blocks() if b.block_hash is not None]
+    tiers.offload_now(session_blocks)
+    for block in session_blocks:
+        sched.kv.pool.drop(block)  # evicted under pressure; the host copies remain
+    run_until_done(sched)
+    assert second.status == RequestStatus.FINISHED_LENGTH
+    assert tiers.stats.fetched_blocks["host"] >= 6
+    assert second.cached_by_tier["host"] >= 24
+    assert second.num_redundant_tokens == 0
+    assert sched.kv.pool.num_free_blocks == 20

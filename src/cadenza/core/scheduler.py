@@ -328,7 +328,9 @@ class Scheduler:
             return False
         wanted = self.kv.blocks_to_fetch(request, loc, self.tiers)
         if not wanted:
-            request.fetch_tried = True
+            # Nothing below the device yet. Not marked as tried: while the request waits for
+            # room, its unreferenced device blocks may be offloaded and evicted, and the next
+            # pass must fetch them back rather than recompute them.
             return False
         reserve = self.reserve_blocks if self.running else 0  # as in ``_fits``
         room = self.kv.pool.num_free_blocks - reserve
