@@ -129,6 +129,8 @@ def test_imports_are_refused_for_another_model_or_a_broken_chain(tiny_source):
         assert result.num_blocks == 2 and result.rejected_blocks == len(blocks) - 2
     with pytest.raises(ValueError, match="not a Cadenza KV export"):
         KVExport.from_bytes(b"garbage")
+    with pytest.raises(ValueError, match="another format.*export it again"):
+        KVExport.from_bytes(b"CADENZA-KV1\n" + bytes(64))
 
 
 EXPORTER = textwrap.dedent(
