@@ -403,7 +403,6 @@ def test_cached_by_tier_splits_device_host_and_disk_blocks() -> None:
     assert request.cached_by_tier == {"device": 8, "host": 8, "disk": 4}
 
 
-
 def test_waiter_whose_device_prefix_is_evicted_meanwhile_fetches_it_from_host() -> None:
     # A session's next turn finds its whole history on the device but no room to run, so it
     # waits. Meanwhile its unreferenced blocks are copied out and evicted. When room comes it
@@ -433,3 +432,33 @@ def test_waiter_whose_device_prefix_is_evicted_meanwhile_fetches_it_from_host() 
     assert second.cached_by_tier["host"] >= 24
     assert second.num_redundant_tokens == 0
     assert sched.kv.pool.num_free_blocks == 20
+
+
+def test_a_burst_sharing_an_uncached_prefix_computes_it_once() -> None:
+    # Three requests with one new 32-token system prompt arrive together. The first computes
+    # it; the others wait that one step and reuse it instead of computing it in parallel.
+    sched = make_scheduler(64, budget=256)
+    system = tokens(1, 32)
+    burst = [make_request(f"r{i}", system + tokens(100 * (i + 1), 6), 2) for i in range(3)]
+    for request in burst:
+        sched.add_request(request)
+    first: list[str] = []
+    step(sched, first)
+    assert first == ["r0"]
+    then: list[str] = []
+    step(sched, then)
+    assert then == ["r1", "r2"]
+    assert [r.num_cached_tokens for r in burst] == [0, 32, 32]
+    run_until_done(sched)
+    assert all(r.status == RequestStatus.FINISHED_LENGTH for r in burst)
+
+
+def test_a_shared_run_shorter_than_the_threshold_does_not_hold_a_request_back() -> None:
+    sched = make_scheduler(64, budget=256)
+    shared = tokens(1, 4)  # one block in common: not worth a step's wait
+    burst = [make_request(f"r{i}", shared + tokens(100 * (i + 1), 12), 2) for i in range(2)]
+    for request in burst:
+        sched.add_request(request)
+    admitted: list[str] = []
+    step(sched, admitted)
+    assert admitted == ["r0", "r1"]

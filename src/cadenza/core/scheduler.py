@@ -17,6 +17,13 @@ whose leading blocks were dropped recomputes them in the same pass as its new to
 Preemption swaps the victim's computed blocks out to a lower tier before freeing them, so on
 re-admission its prefix is found again (on the device if it survived there, else on host or
 disk); without tiers it is recomputed.
+
+A waiting request whose first uncached blocks are ones a running request is computing right now
+(a burst of requests with one new system prompt) waits for them instead of computing them a
+second time in parallel, as SGLang's in-batch prefix check does: the first request computes the
+shared prefix, the others then find it cached. Without this, which requests of a burst share
+the work depends on how their arrivals interleave with steps, and the burst's time to first
+token with it.
 """
 
 from __future__ import annotations
@@ -28,10 +35,14 @@ from dataclasses import dataclass, field
 from cadenza.config import CacheConfig, SchedulerConfig
 from cadenza.core.block_pool import KVBlock
 from cadenza.core.eviction import EvictionPolicy
+from cadenza.core.hashing import BlockHash
 from cadenza.core.kv_cache_manager import KVCacheManager, PrefixLocation
 from cadenza.core.request import Request, RequestStatus
 from cadenza.core.tiering import TierManager
 from cadenza.core.transfer import Tier
+
+# A waiting request defers to a running one computing at least this many of its next blocks.
+SHARED_PREFIX_MIN_BLOCKS = 2
 
 
 @dataclass
@@ -181,6 +192,7 @@ class Scheduler:
     def _admit(self, out: SchedulerOutput, budget: int) -> None:
         # Requests waiting for a fetch that later requests have gone ahead of in this pass.
         passed: list[Request] = []
+        computing: set[BlockHash] | None = None  # built on first use in this pass
         for request in self._waiting_in_order():
             if budget <= 0 or len(self.running) >= self.config.max_num_seqs:
                 break
@@ -195,14 +207,50 @@ class Scheduler:
                 passed.append(request)
                 continue  # its KV is on the way up (or waits for room); others may go first
             assert loc is not None
+            if computing is None:
+                computing = self._computing_prompt_blocks()
+            if self._waits_for_shared_prefix(request, loc, computing):
+                continue  # a running request is computing its next blocks: reuse them next step
             num_new = self._try_admit(out, request, loc, budget)
             if num_new is None:
                 break
+            computing.update(self._uncomputed_prompt_blocks(request))
             budget -= num_new
             for waiter in passed:
                 waiter.num_overtaken += 1
             if any(w.num_overtaken >= self.max_fetch_overtakes for w in passed):
                 break
+
+    def _uncomputed_prompt_blocks(self, request: Request) -> list[BlockHash]:
+        """Keys of the full prompt blocks ``request`` has still to compute."""
+        size = self.kv.block_size
+        end = min(request.num_prompt_tokens // size, len(request.block_hashes))
+        return request.block_hashes[request.num_computed_tokens // size : end]
+
+    def _computing_prompt_blocks(self) -> set[BlockHash]:
+        """Keys of the full prompt blocks that running requests have still to compute."""
+        keys: set[BlockHash] = set()
+        for request in self.running:
+            if request.num_computed_tokens < request.num_prompt_tokens:
+                keys.update(self._uncomputed_prompt_blocks(request))
+        return keys
+
+    def _waits_for_shared_prefix(
+        self, request: Request, loc: PrefixLocation, computing: set[BlockHash]
+    ) -> bool:
+        """Whether the request's first uncached blocks (at least ``SHARED_PREFIX_MIN_BLOCKS``
+        of them) are being computed by a running request, so that waiting one step and finding
+        them cached beats computing them twice."""
+        if not computing or not self.kv.enable_caching:
+            return False
+        keys = request.block_hashes
+        first = 0 if loc.leading else loc.num_blocks
+        run = 0
+        while run < SHARED_PREFIX_MIN_BLOCKS and first + run < len(keys):
+            if keys[first + run] not in computing:
+                return False
+            run += 1
+        return run == SHARED_PREFIX_MIN_BLOCKS
 
     def _try_admit(
         self, out: SchedulerOutput, request: Request, loc: PrefixLocation, budget: int
