@@ -95,6 +95,18 @@ def test_symphony_leaves_the_kv_where_it_is_when_the_load_is_nearly_even():
     assert moved is not None and (moved.worker_id, moved.migrate_from) == ("w1", "w0")
 
 
+def test_symphony_reroutes_a_hinted_turn_to_a_holder_that_is_cheaper_by_now():
+    index = index_with(w0=(Tier.DEVICE, 10))
+    policy = make_policy("symphony", index)
+    hint = policy.on_hint(turn("s"), views(4, 0))
+    assert hint is not None and (hint.worker_id, hint.migrate_from) == ("w1", "w0")
+    index.apply("w1", [BlockStored(KEYS, Tier.DEVICE)])  # landed; w0 keeps its copy
+    # By the time the turn comes, w1 is the busy one: w0 holds the same KV and costs less.
+    placed = policy.place(turn("s"), views(0, 5))
+    assert (placed.worker_id, placed.reason, placed.migrate_from) == ("w0", "hint-rerouted", None)
+    assert placed.hits.device == 10
+
+
 def test_symphony_falls_back_to_kv_aware_when_the_migration_is_late():
     index = index_with(w0=(Tier.DEVICE, 10))
     policy = make_policy("symphony", index)

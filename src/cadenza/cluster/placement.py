@@ -236,15 +236,26 @@ class Symphony(KVAware):
 
     def place(self, turn: Turn, workers: Sequence[WorkerView]) -> Placement:
         target = self.hinted.pop(turn.session_id or "", None)
-        live = {w.worker_id for w in self.accepting(workers)}
-        if target in live:
-            hits = self._hits(target, turn)  # type: ignore[arg-type]
-            _, held = self.index.best_holder(turn.block_keys)
-            if hits.blocks >= held.blocks:  # its KV is there (or nowhere better)
-                return Placement(target, "hinted", hits=hits)  # type: ignore[arg-type]
-            fallback = super().place(turn, workers)
-            return Placement(fallback.worker_id, "hint-late", fallback.migrate_from, fallback.hits)
-        return super().place(turn, workers)
+        live = {w.worker_id: w for w in self.accepting(workers)}
+        if target not in live:
+            return super().place(turn, workers)
+        hits = self._hits(target, turn)  # type: ignore[arg-type]
+        _, held = self.index.best_holder(turn.block_keys)
+        best = super().place(turn, workers)
+        if hits.blocks < held.blocks:  # the move has not landed: place as kv-aware does
+            return Placement(best.worker_id, "hint-late", best.migrate_from, best.hits)
+        # Its KV is at the target, chosen by load when the hint came, seconds ago. A worker
+        # that holds as much of it (the one it moved from keeps its copy) and costs less now
+        # takes the turn instead: the hint widened the choice rather than fixing it.
+        if (
+            best.worker_id != target
+            and best.migrate_from is None
+            and best.hits.blocks >= hits.blocks
+            and self.cost(live[best.worker_id], turn, best.hits)
+            < self.cost(live[target], turn, hits)  # type: ignore[index]
+        ):
+            return Placement(best.worker_id, "hint-rerouted", hits=best.hits)
+        return Placement(target, "hinted", hits=hits)  # type: ignore[arg-type]
 
     def forget_session(self, session_id: str) -> None:
         self.hinted.pop(session_id, None)
