@@ -25,7 +25,7 @@ from cadenza.core.kv_events import KVEventLog
 from cadenza.core.transfer import Tier
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class KVBlock:
     block_id: int
     ref_cnt: int = 0
@@ -162,6 +162,11 @@ class BlockPool:
 
     def get(self, block_hash: BlockHash) -> KVBlock | None:
         return self._index.get(block_hash)
+
+    def cached_free_holding(self, keys: Iterable[BlockHash]) -> list[KVBlock]:
+        """The unreferenced cached blocks (in the free queue) that hold any of ``keys``."""
+        get, cached_free = self._index.get, self._cached_free
+        return [b for b in map(get, keys) if b is not None and b.block_id in cached_free]
 
     def touch(self, blocks: Iterable[KVBlock]) -> None:
         """Take a reference on cached blocks (reviving them from the free queues if needed)."""

@@ -28,7 +28,6 @@ from __future__ import annotations
 import bisect
 import heapq
 import itertools
-import operator
 import weakref
 from collections.abc import Iterable
 from typing import Generic, TypeVar
@@ -49,9 +48,12 @@ _MIN_COST_GAP = 1e-12
 _IDLE_FLOOR = 1e-3  # as in CostAwareEviction.value
 
 # An entry as indexed: (cost, seq, entry, last_access, pin_until), ranked within its group by
-# (cost, seq). Alive while the index's ``_live`` maps the entry to this very tuple.
+# (cost, seq). Alive while the index's ``_live`` maps the entry to this very tuple. Items are
+# compared as plain tuples (no key function: sorting and bisecting stay in C). That never
+# reaches the entry itself: a seq names one entry only (queue places are never reused), so two
+# items tie on (cost, seq) only if they are the same entry's (a live one and a removed one of
+# the same group), and then the entry compares equal to itself and the floats decide.
 _Item = tuple[float, int, E, float, float]
-_rank = operator.itemgetter(0, 1)
 
 
 def supports(policy: EvictionPolicy) -> bool:
@@ -89,15 +91,44 @@ _TABLES: weakref.WeakKeyDictionary[EvictionPolicy, _CostTable] = weakref.WeakKey
 
 class _Group:
     """The grouped entries of one last-access time: ``items[start:]``, sorted by rank unless
-    ``dirty`` (new groups fill unsorted), with removed entries among them."""
+    ``dirty`` (new groups fill unsorted), with removed entries among them. ``head_live``: the
+    sorted group's ``items[start]`` is known to be live (``choose`` then skips no removed
+    entries at its head, and reads no other entry of the group it does not take)."""
 
-    __slots__ = ("items", "start", "dirty", "alive")
+    __slots__ = ("items", "start", "dirty", "alive", "head_live")
 
     def __init__(self) -> None:
         self.items: list[_Item] = []
         self.start = 0
         self.dirty = False
         self.alive = 0
+        self.head_live = False
+
+
+def _insert_sorted(group: _Group, item: _Item) -> None:
+    """Insert ``item`` into the sorted ``group`` at its place (a new head is live)."""
+    items = group.items
+    at = bisect.bisect_right(items, item, group.start)
+    items.insert(at, item)
+    if at == group.start:
+        group.head_live = True
+
+
+def _first_after(items: list[_Item], lo: int, idle: float, value: float, seq: int) -> int:
+    """The first position from ``lo`` whose entry ranks after ``(value, seq)`` at ``idle``,
+    where an entry's rank is ``(cost / idle, seq)``.
+
+    A group is sorted by (cost, seq), so by that rank too: dividing by one idle time keeps
+    distinct costs distinct and in order (``exact``). The bisection runs over costs against
+    ``value * idle``, which may round either way; the few entries around that guess are then
+    ranked exactly."""
+    at = bisect.bisect_left(items, (value * idle,), lo)
+    while at > lo and (items[at - 1][0] / idle, items[at - 1][1]) > (value, seq):
+        at -= 1
+    end = len(items)
+    while at < end and (items[at][0] / idle, items[at][1]) < (value, seq):
+        at += 1
+    return at
 
 
 class EvictionIndex(Generic[E]):
@@ -153,9 +184,10 @@ class EvictionIndex(Generic[E]):
                 if cost is None:
                     cost = table(end)  # type: ignore[misc]
             accessed = entry.last_access
-            item = (cost, seq, entry, accessed, entry.pin_until)
+            pin_until = entry.pin_until
+            item = (cost, seq, entry, accessed, pin_until)
             live[entry] = item
-            if item[4] > watermark:
+            if pin_until > watermark:
                 self._pin(item)
                 continue
             if accessed != last_access:  # a batch usually shares one last-access time
@@ -166,10 +198,10 @@ class EvictionIndex(Generic[E]):
                     found.dirty = True
                 group = found
             items = group.items
-            if group.dirty or len(items) == group.start or _rank(items[-1]) < (cost, seq):
+            if group.dirty or items[-1] < item:
                 items.append(item)
             else:
-                bisect.insort(items, item, lo=group.start, key=_rank)
+                _insert_sorted(group, item)
             group.alive += 1
 
     def remove(self, entry: E) -> None:
@@ -188,6 +220,8 @@ class EvictionIndex(Generic[E]):
                 del groups[item[3]]
             elif len(group.items) - group.start > 2 * group.alive + 16:
                 group.dirty = True  # mostly removed entries: rebuilt at the next ``choose``
+            elif group.head_live and group.items[group.start] is item:
+                group.head_live = False
         # Removed entries are skipped where they still sit in a group's list.
 
     def update(self, entry: E) -> None:
@@ -202,11 +236,10 @@ class EvictionIndex(Generic[E]):
         if group is None:
             group = self._groups[item[3]] = _Group()
             group.dirty = True
-        items = group.items
-        if group.dirty or len(items) == group.start or _rank(items[-1]) < _rank(item):
-            items.append(item)
+        if group.dirty or group.items[-1] < item:
+            group.items.append(item)
         else:
-            bisect.insort(items, item, lo=group.start, key=_rank)
+            _insert_sorted(group, item)
         group.alive += 1
 
     def _pin(self, item: _Item) -> None:
@@ -248,57 +281,83 @@ class EvictionIndex(Generic[E]):
             return []
         now = self.policy.clock()
         self._advance(now)
-        live = self._live
         cost_aware = self._table is not None
-        heads: list[tuple[float, int, int, list[_Item]]] = []
+        # Each group's head: (value, seq, position, items, idle); the group's entries rank by
+        # (cost / idle, seq) for the cost-aware policy and (last access, seq) for LRU.
+        heads: list[tuple[float, int, int, list[_Item], float]] = []
         for last_access, group in self._groups.items():
-            items = group.items
-            if group.dirty:
-                items = group.items = sorted(
-                    (it for it in items[group.start :] if live.get(it[2]) is it), key=_rank
-                )
-                group.start = 0
-                group.dirty = False
-            i = group.start
-            while live.get(items[i][2]) is not items[i]:
-                i += 1
-            group.start = i
+            i, items = self._head(group)
             if cost_aware:
                 idle = now - last_access
-                value = items[i][0] / (idle if idle > _IDLE_FLOOR else _IDLE_FLOOR)
+                if idle <= _IDLE_FLOOR:
+                    idle = _IDLE_FLOOR
+                heads.append((items[i][0] / idle, items[i][1], i, items, idle))
             else:
-                value = last_access
-            heads.append((value, items[i][1], i, items))
+                heads.append((last_access, items[i][1], i, items, 0.0))
         heapq.heapify(heads)
         out: list[E] = []
         while heads and len(out) < n:
-            _, _, i, items = heads[0]
+            _, _, i, items, idle = heads[0]
             # The best head of the other groups: the smaller child of the heap's root. The
             # root's group goes on giving entries while they rank before it.
             k = len(heads)
             other = None if k == 1 else heads[1] if k == 2 or heads[1] < heads[2] else heads[2]
-            while True:
-                out.append(items[i][2])
+            stop = len(items)
+            if other is not None and cost_aware:
+                stop = _first_after(items, i, idle, other[0], other[1])
+            i = self._take(items, i, stop, n, out)
+            if len(out) == n:
+                break
+            live = self._live
+            while i < len(items) and live.get(items[i][2]) is not items[i]:
                 i += 1
-                while i < len(items) and live.get(items[i][2]) is not items[i]:
-                    i += 1
-                if i == len(items):
-                    heapq.heappop(heads)
-                    break
-                if len(out) == n:
-                    break
-                cost, seq, _, last_access, _ = items[i]
-                if cost_aware:
-                    idle = now - last_access
-                    value = cost / (idle if idle > _IDLE_FLOOR else _IDLE_FLOOR)
-                else:
-                    value = last_access
-                if other is not None and (other[0], other[1]) < (value, seq):
-                    heapq.heapreplace(heads, (value, seq, i, items))
-                    break
+            if i == len(items):
+                heapq.heappop(heads)
+                continue
+            cost, seq = items[i][0], items[i][1]
+            value = cost / idle if cost_aware else heads[0][0]
+            heapq.heapreplace(heads, (value, seq, i, items, idle))
         if len(out) < n:
             out.extend(self._pinned(now)[: n - len(out)])
         return out
+
+    def _head(self, group: _Group) -> tuple[int, list[_Item]]:
+        """The position of ``group``'s first live entry, and its item list (sorted here if it
+        was left unsorted)."""
+        items = group.items
+        if group.head_live and not group.dirty:
+            return group.start, items
+        live = self._live
+        if group.dirty:
+            start = group.start
+            items = group.items = sorted([it for it in items[start:] if live.get(it[2]) is it])
+            group.start = 0
+            group.dirty = False
+        i = group.start
+        while live.get(items[i][2]) is not items[i]:
+            i += 1
+        group.start = i
+        group.head_live = True
+        return i, items
+
+    def _take(self, items: list[_Item], i: int, stop: int, n: int, out: list[E]) -> int:
+        """Append the live entries of ``items[i:stop]`` to ``out`` until it holds ``n``;
+        returns the position after the last one looked at."""
+        live = self._live
+        while i < stop:
+            need = n - len(out)
+            end = min(stop, i + need + (need >> 1) + 8)  # a window: most entries are live
+            taken = [it[2] for it in items[i:end] if live.get(it[2]) is it]
+            if len(taken) < need:
+                out.extend(taken)
+                i = end
+                continue
+            if len(taken) > need:
+                taken = taken[:need]
+            out.extend(taken)
+            # Past the last entry taken (the caller stops now: ``out`` is full).
+            return end
+        return i
 
     def _pinned(self, now: float) -> list[E]:
         """Candidates still pinned at ``now``, in the policy's order."""

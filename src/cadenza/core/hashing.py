@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from hashlib import sha256
 
 BlockHash = bytes
 
@@ -23,8 +24,20 @@ def hash_seed(model_fingerprint: str, cache_salt: str | None) -> BlockHash:
     return hashlib.sha256(_DOMAIN + model_fingerprint.encode() + b"\x00" + salt).digest()
 
 
+# Packers by token count (a block's count is almost always the block size): building the
+# format string and finding its compiled form on every call cost more than packing.
+_PACKERS: dict[int, Callable[..., bytes]] = {}
+
+
+def _packer(n: int) -> Callable[..., bytes]:
+    pack = _PACKERS[n] = struct.Struct(f"<{n}i").pack
+    return pack
+
+
 def hash_block(parent: BlockHash, token_ids: Sequence[int]) -> BlockHash:
-    return hashlib.sha256(parent + struct.pack(f"<{len(token_ids)}i", *token_ids)).digest()
+    n = len(token_ids)
+    pack = _PACKERS.get(n) or _packer(n)
+    return sha256(parent + pack(*token_ids)).digest()
 
 
 def extend_block_hashes(

@@ -199,8 +199,12 @@ class KVCacheManager:
         """Fresh blocks needed so tokens ``[0, end)`` have slots, and cached blocks revived."""
         held = len(self._blocks.get(request.request_id, ()))
         total = -(-end // self.block_size)
-        fresh_prefix = leading + max(0, total - leading - len(cached))
-        need = max(0, total - held) if held else fresh_prefix
+        if held:
+            need = total - held if total > held else 0
+        else:
+            need = leading + max(0, total - leading - len(cached))
+        if not cached:
+            return need, 0  # a running request's next chunk (most calls)
         # Cached blocks nobody references sit in the free queue; taking them uses free space.
         revived = sum(1 for b in cached if b.ref_cnt == 0)
         return need, revived
@@ -229,6 +233,10 @@ class KVCacheManager:
         """Give the request slots for tokens ``[0, end)``: ``leading`` fresh blocks, then the
         ``cached`` ones (and an adopted partial ``tail``), then fresh ones; check
         ``can_allocate`` first (with the tail counted among ``cached``)."""
+        if not cached and tail is None:
+            blocks = self._blocks.get(request.request_id)
+            if blocks and -(-end // self.block_size) <= len(blocks):
+                return  # a running request whose slots already cover ``end`` (most decodes)
         cached = list(cached or [])
         num_full = len(cached)
         if tail is not None:
@@ -257,6 +265,8 @@ class KVCacheManager:
             return []
         done = self._num_registered[request.request_id]
         full = min(request.num_computed_tokens // self.block_size, len(request.block_hashes))
+        if full <= done:
+            return []  # no block filled up since the last call (most decode steps)
         added = []
         for i in range(done, full):
             parent = request.block_hashes[i - 1] if i else request.hash_seed

@@ -56,7 +56,7 @@ class DiskJournal(Protocol):
     def drain_changes(self) -> list[tuple[bytes, bool]]: ...
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class HostEntry:
     key: BlockHash
     parent: BlockHash
@@ -407,7 +407,7 @@ class TierManager:
     def _host_key_changed(self, keys: list[BlockHash], present: bool) -> None:
         index, pool = self._uncopied, self.pool
         assert index is not None
-        blocks = [b for b in map(pool.get, keys) if b is not None and pool.is_cached_free(b)]
+        blocks = pool.cached_free_holding(keys)
         if present:
             index.remove_many(blocks)
             return
@@ -456,9 +456,18 @@ class TierManager:
                     items.append(self._item(entry, Tier.HOST, entry.slot, Tier.DISK, -1))
                 else:
                     self.stats.dropped_blocks += self.disk is None
-        for i, block in enumerate(blocks):
-            dst, slot = (Tier.HOST, slots[i]) if kind == JobKind.OFFLOAD else (Tier.DISK, -1)
-            items.append(self._item(block, Tier.DEVICE, block.block_id, dst, slot))
+        device = Tier.DEVICE
+        if kind == JobKind.OFFLOAD:
+            dst_slots: Sequence[int] = slots
+            dst = Tier.HOST
+        else:
+            dst_slots, dst = [-1] * len(blocks), Tier.DISK
+        for block, slot in zip(blocks, dst_slots, strict=True):
+            key, parent, tokens = block.block_hash, block.parent_hash, block.token_ids
+            assert key is not None and parent is not None and tokens is not None
+            items.append(
+                TransferItem(key, parent, tokens, block.position, device, block.block_id, dst, slot)
+            )
         if not items:
             return None
         self.pool.touch(blocks)

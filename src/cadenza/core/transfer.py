@@ -33,7 +33,7 @@ class JobKind(enum.Enum):
 PRIORITY = {JobKind.FETCH: 0, JobKind.OFFLOAD: 1, JobKind.PERSIST: 2}
 
 
-@dataclass
+@dataclass(slots=True)
 class TransferItem:
     key: BlockHash
     parent: BlockHash
