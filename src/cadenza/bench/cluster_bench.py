@@ -65,12 +65,12 @@ STARTUP_ESTIMATE_S = 90.0  # Ray, two workers loading the model, warm-up; and th
 # The trial settings that --quick changes, at their defaults.
 DEFAULTS: dict[str, float] = {
     "duration_s": 90.0,
-    "max_trials": 4,
+    "max_trials": 6,
     "hint_lead_s": 11.3,  # SYMPHONY's mean ShareGPT typing time
     "read_mean_s": 5.0,
     "turns_per_session": 4,
     "max_output": 48,
-    "start_rate": 0.1,
+    "start_rate": 0.2,
 }
 # --quick: a smoke run of two policies, one short trial each (four to five minutes, mostly
 # the two servers starting).
