@@ -32,7 +32,7 @@ class Entry:
     pin_until: float = 0.0
 
 
-def _fuzz(seed: int, kind: str) -> None:
+def _fuzz(seed: int, kind: str, max_batch: int = 6) -> None:
     rng = random.Random(seed)
     now = [0.0]
     cost = CostModel((32, 64, 128, 1024, 8192), (1e-4, 2e-4, 3e-4, 1e-3, 5e-3))
@@ -53,7 +53,7 @@ def _fuzz(seed: int, kind: str) -> None:
                     last,
                     rng.choice([0.0, 0.0, now[0] + 3 * rng.random(), now[0] - 1]),
                 )
-                for _ in range(rng.randint(1, 6))
+                for _ in range(rng.randint(1, max_batch))
             ]
             index.add_many(batch, range(seq, seq + len(batch)))
             queue.update((e, seq + i) for i, e in enumerate(batch))
@@ -77,10 +77,11 @@ def _fuzz(seed: int, kind: str) -> None:
             assert index.choose(n) == expected
 
 
+@pytest.mark.parametrize("batch", [6, 40])  # 40: long runs from one group, bisected
 @pytest.mark.parametrize("kind", ["cost", "lru"])
-def test_eviction_index_chooses_exactly_as_the_policy_scan(kind):
+def test_eviction_index_chooses_exactly_as_the_policy_scan(kind, batch):
     for seed in range(25):
-        _fuzz(seed, kind)
+        _fuzz(seed, kind, batch)
 
 
 def test_eviction_index_defers_to_the_scan_when_costs_could_tie():

@@ -144,6 +144,9 @@ class EvictionIndex(Generic[E]):
             self._table = table
         self._live: dict[E, _Item] = {}
         self._groups: dict[float, _Group] = {}
+        # The groups' last-access times, ascending: ``choose`` visits groups oldest first and
+        # stops once no group left could rank before what it takes.
+        self._order: list[float] = []
         # Entries not yet known to be unpinned: (pin_until, tiebreak, item).
         self._pins: list[tuple[float, int, _Item]] = []
         self._tiebreak = itertools.count()
@@ -194,8 +197,7 @@ class EvictionIndex(Generic[E]):
                 last_access = accessed
                 found = groups.get(accessed)
                 if found is None:
-                    found = groups[accessed] = _Group()
-                    found.dirty = True
+                    found = self._new_group(accessed)
                 group = found
             items = group.items
             if group.dirty or items[-1] < item:
@@ -218,6 +220,8 @@ class EvictionIndex(Generic[E]):
             group.alive -= 1
             if not group.alive:
                 del groups[item[3]]
+                order = self._order
+                del order[bisect.bisect_left(order, item[3])]
             elif len(group.items) - group.start > 2 * group.alive + 16:
                 group.dirty = True  # mostly removed entries: rebuilt at the next ``choose``
             elif group.head_live and group.items[group.start] is item:
@@ -231,11 +235,16 @@ class EvictionIndex(Generic[E]):
             self.remove_many((entry,))
             self.add_many((entry,), (item[1],))
 
+    def _new_group(self, last_access: float) -> _Group:
+        group = self._groups[last_access] = _Group()
+        group.dirty = True
+        bisect.insort(self._order, last_access)
+        return group
+
     def _group(self, item: _Item) -> None:
         group = self._groups.get(item[3])
         if group is None:
-            group = self._groups[item[3]] = _Group()
-            group.dirty = True
+            group = self._new_group(item[3])
         if group.dirty or group.items[-1] < item:
             group.items.append(item)
         else:
@@ -256,6 +265,7 @@ class EvictionIndex(Generic[E]):
         if now < self._watermark:  # a clock that went back: place everything again
             items = list(self._live.values())
             self._groups.clear()
+            self._order.clear()
             self._pins.clear()
             self._watermark = now
             for item in items:
@@ -282,41 +292,51 @@ class EvictionIndex(Generic[E]):
         now = self.policy.clock()
         self._advance(now)
         cost_aware = self._table is not None
-        # Each group's head: (value, seq, position, items, idle); the group's entries rank by
-        # (cost / idle, seq) for the cost-aware policy and (last access, seq) for LRU.
+        # The cheapest cost any entry has (the table only grows): no entry of a group ranks
+        # before ``floor / idle`` (cost-aware) or its last access (LRU), a bound that grows
+        # with the last access, so groups join the merge oldest first, only while they could
+        # rank before the best head so far.
+        floor = self._table.distinct[0] if cost_aware and self._table.distinct else 0.0  # type: ignore[union-attr]
+        order, groups = self._order, self._groups
+        nxt, end, bound = 0, len(order), 0.0
+        # Each joined group's head: (value, seq, position, items, idle); the group's entries
+        # rank by (cost / idle, seq) for the cost-aware policy and (last access, seq) for LRU.
         heads: list[tuple[float, int, int, list[_Item], float]] = []
-        for last_access, group in self._groups.items():
-            i, items = self._head(group)
-            if cost_aware:
-                idle = now - last_access
-                if idle <= _IDLE_FLOOR:
-                    idle = _IDLE_FLOOR
-                heads.append((items[i][0] / idle, items[i][1], i, items, idle))
-            else:
-                heads.append((last_access, items[i][1], i, items, 0.0))
-        heapq.heapify(heads)
         out: list[E] = []
-        while heads and len(out) < n:
+        while len(out) < n:
+            while nxt < end:
+                last_access = order[nxt]
+                if cost_aware:
+                    idle = now - last_access
+                    if idle <= _IDLE_FLOOR:
+                        idle = _IDLE_FLOOR
+                    bound = floor / idle
+                else:
+                    idle, bound = 0.0, last_access
+                if heads and bound > heads[0][0]:
+                    break
+                i, items = self._head(groups[last_access])
+                value = items[i][0] / idle if cost_aware else last_access
+                heapq.heappush(heads, (value, items[i][1], i, items, idle))
+                nxt += 1
+            if not heads:
+                break
             _, _, i, items, idle = heads[0]
-            # The best head of the other groups: the smaller child of the heap's root. The
-            # root's group goes on giving entries while they rank before it.
+            # The best head of the other groups: the smaller child of the heap's root, or the
+            # groups not joined yet, whose entries rank from (bound, -1) on. The root's group
+            # goes on giving entries while they rank before it.
             k = len(heads)
             other = None if k == 1 else heads[1] if k == 2 or heads[1] < heads[2] else heads[2]
-            stop = len(items)
-            if other is not None and cost_aware:
-                stop = _first_after(items, i, idle, other[0], other[1])
-            i = self._take(items, i, stop, n, out)
+            if nxt < end and (other is None or (bound, -1) < other[:2]):
+                other = (bound, -1)  # type: ignore[assignment]
+            i = self._take_run(items, i, idle if cost_aware else None, other, n, out)
             if len(out) == n:
                 break
-            live = self._live
-            while i < len(items) and live.get(items[i][2]) is not items[i]:
-                i += 1
             if i == len(items):
                 heapq.heappop(heads)
                 continue
-            cost, seq = items[i][0], items[i][1]
-            value = cost / idle if cost_aware else heads[0][0]
-            heapq.heapreplace(heads, (value, seq, i, items, idle))
+            value = items[i][0] / idle if cost_aware else heads[0][0]
+            heapq.heapreplace(heads, (value, items[i][1], i, items, idle))
         if len(out) < n:
             out.extend(self._pinned(now)[: n - len(out)])
         return out
@@ -339,6 +359,46 @@ class EvictionIndex(Generic[E]):
         group.start = i
         group.head_live = True
         return i, items
+
+    def _take_run(
+        self,
+        items: list[_Item],
+        i: int,
+        idle: float | None,
+        other: tuple[float, int] | tuple[float, int, int, list[_Item], float] | None,
+        n: int,
+        out: list[E],
+    ) -> int:
+        """Append to ``out``, until it holds ``n``, the live entries of one group's ``items``
+        from ``i`` on that rank before ``other`` (a (value, seq) pair first; None: every entry);
+        ``idle`` is the group's idle time under the cost-aware policy, None under LRU (a group's
+        entries then all rank before another group's). Returns the position of the first live
+        entry not taken, or ``len(items)``; once ``out`` is full, where the caller stopped.
+
+        Runs are short under the cost-aware policy (the cheap leading chunks of many groups
+        interleave, a chunk or two each), so the first entries are ranked one by one before
+        bisecting the rest of the group."""
+        live = self._live
+        end = len(items)
+        bounded = idle is not None and other is not None
+        limit_value, limit_seq = (other[0], other[1]) if bounded else (0.0, 0)  # type: ignore[index]
+        j, linear = i, i + 8
+        while j < end and j < linear:
+            it = items[j]
+            if live.get(it[2]) is it:
+                if len(out) == n or (bounded and (it[0] / idle, it[1]) > (limit_value, limit_seq)):  # type: ignore[operator]
+                    return j
+                out.append(it[2])
+            j += 1
+        if j == end or len(out) == n:
+            return j
+        stop = _first_after(items, j, idle, limit_value, limit_seq) if bounded else end  # type: ignore[arg-type]
+        j = self._take(items, j, stop, n, out)
+        if len(out) == n:
+            return j
+        while j < end and live.get(items[j][2]) is not items[j]:
+            j += 1
+        return j
 
     def _take(self, items: list[_Item], i: int, stop: int, n: int, out: list[E]) -> int:
         """Append the live entries of ``items[i:stop]`` to ``out`` until it holds ``n``;
