@@ -5,7 +5,9 @@ costs when it attends to ``l`` earlier tokens (its end position), ``T`` the time
 conversation was last active. Evicting in ascending ``V`` drops idle conversations first and,
 within one conversation, its *leading* chunks first (they are the cheapest to recompute). A
 pinned entry (retention TTL not yet expired) always sorts after every unpinned one: pins are
-soft, so under enough pressure they go too, last.
+soft, so under enough pressure they go too, last. Among pinned entries the one pinned longest
+goes first: a pin lasts until its KV is expected back (a hint's turn, a tool call's return), so
+this keeps the KV needed soonest (SYMPHONY's priority by expected arrival; Belady's rule).
 
 Both policies rank plain ``(position, last_access, pin_until)`` triples, so the device pool, the
 host tier and the simulator share them.
@@ -74,8 +76,9 @@ class EvictionPolicy:
     def __init__(self, clock: Callable[[], float]) -> None:
         self.clock = clock
 
-    def key(self, entry: Evictable, now: float) -> tuple[bool, float]:
-        return (entry.pin_until > now, entry.last_access)
+    def key(self, entry: Evictable, now: float) -> tuple[bool, float, float]:
+        pinned = entry.pin_until > now
+        return (pinned, -entry.pin_until if pinned else 0.0, entry.last_access)
 
     def choose(self, candidates: Iterable[T], n: int) -> list[T]:
         """The ``n`` lowest-ranked candidates; ties keep the candidates' order."""
@@ -105,8 +108,9 @@ class CostAwareEviction(EvictionPolicy):
         idle = max(now - entry.last_access, 1e-3)
         return self.cost(chunk_end(entry.position, entry.num_tokens)) / idle
 
-    def key(self, entry: Evictable, now: float) -> tuple[bool, float]:
-        return (entry.pin_until > now, self.value(entry, now))
+    def key(self, entry: Evictable, now: float) -> tuple[bool, float, float]:
+        pinned = entry.pin_until > now
+        return (pinned, -entry.pin_until if pinned else 0.0, self.value(entry, now))
 
 
 def make_eviction_policy(

@@ -1,7 +1,7 @@
 """An index of eviction candidates that answers ``EvictionPolicy.choose`` without a full scan.
 
-``choose`` over a free queue ranks every candidate: ``(pinned, value)``, ties kept in queue
-order. The block pool, the tier manager's copy-out candidates and the host tier call it on
+``choose`` over a free queue ranks every candidate: ``(pinned, pin order, value)``, ties kept in
+queue order. The block pool, the tier manager's copy-out candidates and the host tier call it on
 every allocation that evicts, so with tens of thousands of cached blocks the scan dominated
 a long simulation. This index returns exactly the same entries in the same order, in time
 proportional to the number of distinct last-access times among the candidates (a request's

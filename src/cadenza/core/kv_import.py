@@ -8,7 +8,9 @@ An import is verified before anything becomes visible:
    block that fails. Blocks already cached on the device are reused; the rest get fresh device
    blocks (held by the import, not yet findable) while free space above the admission reserve
    lasts, then empty host slots; past that the chain is cut too, since a prefix cache cannot
-   use a block whose predecessor is missing.
+   use a block whose predecessor is missing. Free space excludes blocks pinned to be needed
+   sooner than the import's own grace (priority by expected use, as in SYMPHONY): an import
+   evicts only unpinned cached KV and KV pinned for later, never a running request's.
 2. ``accept_chunk`` verifies each layer chunk's checksum; a mismatch is counted and cuts the
    chain at the chunk's first block (its blocks are never installed). The caller writes the
    accepted chunk's bytes into the returned device blocks.
@@ -94,7 +96,7 @@ class KVImporter:
         # Hold the chain's cached blocks: allocating fresh ones below may evict cached blocks.
         plan.held = [b for b in cached if b is not None]
         self.pool.touch(plan.held)
-        room = self.pool.num_free_blocks - self.reserve_blocks
+        room = self.pool.num_free_blocks - self.reserve_blocks - self._outranking_pins()
         host = self.tiers.host
         for i, block in enumerate(cached):
             if block is not None:
@@ -117,6 +119,16 @@ class KVImporter:
         plan.targets = dict(zip(wanted, fresh, strict=True))
         self.rejected_blocks += plan.rejected_blocks
         return plan
+
+    def _outranking_pins(self) -> int:
+        """Free device blocks pinned to be needed no later than this import's KV would be
+        (a hinted turn or a tool call's return due within ``pin_s``): the import leaves them
+        alone and takes room only from empty blocks, unpinned cached ones and those pinned
+        for later, which the eviction order gives up first (furthest pin first). Blocks of a
+        running request are never free, so an import never takes them."""
+        now = self.clock()
+        until = now + self.pin_s
+        return sum(1 for b in self.pool.cached_free_blocks() if now < b.pin_until <= until)
 
     def _verified_chain(self, layout: KVLayout, blocks: list[ExportedBlock]) -> list[ExportedBlock]:
         parent = hash_seed(layout.fingerprint, layout.cache_salt)

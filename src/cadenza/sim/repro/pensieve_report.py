@@ -128,9 +128,9 @@ WHY = """\
   first held run after it, but a block held beyond a second hole is recomputed too. The
   cost-aware policy takes the cheap leading chunks of many conversations rather than all of
   the oldest one, so it cuts more chains in the middle; an instrumented run of the 1.5 req/s
-  point counted about 60% more such stranded blocks than under LRU, which accounts for the gap in
-  recomputed tokens for the most part. Recomputing every hole and reusing every held run (or evicting host
-  blocks only from the front of a chain, as Pensieve does) would remove it.
+  point counted about 60% more such stranded blocks than under LRU, which accounts for most
+  of the gap in recomputed tokens. Recomputing every hole and reusing every held run (or
+  evicting host blocks only from the front of a chain, as Pensieve does) would remove it.
 * **Throughput at the target** is read where the normalised-latency curve crosses 0.18 s/token,
   interpolating linearly between swept rates; "≥" means no swept rate reached it.
 """
