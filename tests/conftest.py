@@ -6,6 +6,7 @@ import getpass
 import gzip
 import json
 import tempfile
+from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
 
@@ -63,6 +64,16 @@ def _hermetic_cache_dir(tmp_path_factory):
         os.environ.pop("XDG_CACHE_HOME", None)
     else:
         os.environ["XDG_CACHE_HOME"] = previous
+
+@dataclass(eq=False)
+class EvictableEntry:
+    """A bare eviction candidate (what the policies rank), for policy and index tests."""
+
+    position: int
+    num_tokens: int
+    last_access: float
+    pin_until: float = 0.0
+
 
 TINY_LLAMA = ModelConfig(
     architecture="llama",

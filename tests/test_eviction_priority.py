@@ -5,10 +5,8 @@ needed sooner (a hinted turn due in seconds)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import pytest
-from tests.conftest import TINY_LLAMA
+from tests.conftest import TINY_LLAMA, EvictableEntry
 
 from cadenza import LLM, SamplingParams
 from cadenza.core.engine_core import HINT_GRACE_S
@@ -19,12 +17,7 @@ from cadenza.model.source import random_model_source
 GREEDY = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
 
 
-@dataclass(eq=False)
-class Entry:
-    position: int
-    num_tokens: int
-    last_access: float
-    pin_until: float = 0.0
+Entry = EvictableEntry
 
 
 @pytest.mark.parametrize("kind", ["lru", "cost"])

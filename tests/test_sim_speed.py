@@ -8,9 +8,9 @@ import argparse
 import dataclasses
 import json
 import random
-from dataclasses import dataclass
 
 import pytest
+from tests.conftest import EvictableEntry
 
 from cadenza.core import block_pool, tiering
 from cadenza.core.eviction import CostAwareEviction, CostModel, LRUEviction
@@ -23,13 +23,7 @@ from cadenza.sim.speed_report import MET, MISSED, render_markdown, table, write_
 from cadenza.sim.speed_run import Grid, SpeedPoint, run_grid
 from cadenza.sim.trace import TraceTurn
 
-
-@dataclass(eq=False)
-class Entry:
-    position: int
-    num_tokens: int
-    last_access: float
-    pin_until: float = 0.0
+Entry = EvictableEntry
 
 
 def _fuzz(seed: int, kind: str, max_batch: int = 6) -> None:
