@@ -69,6 +69,9 @@ def _fuzz(seed: int, kind: str, max_batch: int = 6) -> None:
             n = rng.randint(0, len(queue) + 2)
             expected = policy.choose(sorted(queue, key=queue.__getitem__), n)
             assert index.choose(n) == expected
+            until = now[0] + rng.choice([0.5, 1.0, 3.0])
+            pinned = sum(1 for e in queue if now[0] < e.pin_until <= until)
+            assert index.count_pinned(now[0], until) == pinned
 
 
 @pytest.mark.parametrize("batch", [6, 40])  # 40: long runs from one group, bisected

@@ -119,6 +119,12 @@ class BlockPool:
         assert self.free_index is not None
         return self.free_index.seq_of(block)
 
+    def num_free_pinned(self, now: float, until: float) -> int:
+        """Unreferenced cached blocks pinned at ``now`` until no later than ``until``."""
+        if self.free_index is not None:
+            return self.free_index.count_pinned(now, until)
+        return sum(1 for b in self._cached_free.values() if now < b.pin_until <= until)
+
     def set_pin_until(self, block: KVBlock, until: float) -> None:
         """Set a block's retention pin (the eviction ranking of a cached free block changes)."""
         block.pin_until = until

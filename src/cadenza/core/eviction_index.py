@@ -281,6 +281,13 @@ class EvictionIndex(Generic[E]):
             if live.get(item[2]) is item:
                 self._group(item)
 
+    def count_pinned(self, now: float, until: float) -> int:
+        """Candidates pinned at ``now`` until no later than ``until`` (``now < pin_until <=
+        until``), counted over the pinned entries only (they are capped; candidates are not)."""
+        self._advance(now)
+        live = self._live
+        return sum(1 for p in self._pins if p[0] <= until and live.get(p[2][2]) is p[2])
+
     # ------------------------------------------------------------------ choosing
     def choose(self, n: int) -> list[E] | None:
         """What ``policy.choose(candidates in queue order, n)`` returns, or None when only the

@@ -127,8 +127,7 @@ class KVImporter:
         for later, which the eviction order gives up first (furthest pin first). Blocks of a
         running request are never free, so an import never takes them."""
         now = self.clock()
-        until = now + self.pin_s
-        return sum(1 for b in self.pool.cached_free_blocks() if now < b.pin_until <= until)
+        return self.pool.num_free_pinned(now, now + self.pin_s)
 
     def _verified_chain(self, layout: KVLayout, blocks: list[ExportedBlock]) -> list[ExportedBlock]:
         parent = hash_seed(layout.fingerprint, layout.cache_salt)
