@@ -29,7 +29,17 @@ DECODE_STEPS = 6
 
 
 def _features(shape: StepShape) -> list[float]:
-    return [1.0, shape.prefill_tokens, shape.decode_seqs, shape.attention_pairs]
+    """The step model's features, in ``CPUCost``'s order: fixed, prefill step, prefill tokens,
+    decode sequences, prefill pairs, decode pairs."""
+    prefill = shape.prefill_tokens
+    return [
+        1.0,
+        1.0 if prefill else 0.0,
+        prefill,
+        shape.decode_seqs,
+        shape.attention_pairs - shape.decode_pairs,
+        shape.decode_pairs,
+    ]
 
 
 def fit(
@@ -60,9 +70,11 @@ def fit(
     return CPUCalibration(
         model=model,
         base_s=float(coef[0]),
-        prefill_token_s=float(coef[1]),
-        decode_seq_s=float(coef[2]),
-        attention_pair_s=float(coef[3]),
+        prefill_step_s=float(coef[1]),
+        prefill_token_s=float(coef[2]),
+        decode_seq_s=float(coef[3]),
+        attention_pair_s=float(coef[4]),
+        decode_pair_s=float(coef[5]),
         memcpy_bytes_per_s=links["memcpy"],
         disk_read_bytes_per_s=links["disk_read"],
         disk_write_bytes_per_s=links["disk_write"],
@@ -146,7 +158,8 @@ def calibrate(
     model: str, *, num_threads: int | None = None, quick: bool = False, disk_dir: str | None = None
 ) -> tuple[CPUCalibration, dict[str, Any]]:
     """The fitted calibration, and what it was measured on (machine, and every step as
-    ``[prefill tokens, decode seqs, attention pairs, seconds]``, for inspection)."""
+    ``[prefill tokens, decode seqs, attention pairs, seconds, decode pairs]``, for
+    inspection)."""
     samples = profile_steps(model, num_threads=num_threads, quick=quick)
     links = measure_links(disk_dir)
     calibration = fit(samples, model, links)
@@ -155,7 +168,8 @@ def calibrate(
         "processor": platform.processor(),
         "python": platform.python_version(),
         "steps": [
-            [s.prefill_tokens, s.decode_seqs, s.attention_pairs, round(t, 6)] for s, t in samples
+            [s.prefill_tokens, s.decode_seqs, s.attention_pairs, round(t, 6), s.decode_pairs]
+            for s, t in samples
         ],
     }
     return calibration, machine

@@ -1,17 +1,22 @@
 """The CPU cost model: step time linear in the step's shape, fitted to this engine here.
 
-``t = base + prefill_token * prefill tokens + decode_seq * decode sequences
-+ attention_pair * attended query-key pairs`` — the features the replay benchmark found to
-explain this engine's step times (a step's fixed overhead, the GEMMs per token, attention per
-pair). ``cadenza simulate calibrate`` fits the coefficients on this machine and measures the
-copy bandwidths; ``DEFAULT`` (measured on the development machine, see below) is used when no
-calibration file is given.
+``t = base + prefill_step * [the step has prefill tokens] + prefill_token * prefill tokens
++ decode_seq * decode sequences + attention_pair * prefill query-key pairs
++ decode_pair * decode query-key pairs`` — the features that explain this engine's step times:
+a step's fixed overhead, the extra fixed cost of a prefill pass (its larger activations and
+masks), the GEMMs per token, and attention per pair, priced separately for prefill (one
+batched matrix product over many query rows) and decode (one query row per sequence reading
+its whole context, several times dearer per pair here). ``cadenza simulate calibrate`` fits the
+coefficients on this machine and measures the copy bandwidths; ``DEFAULT`` (measured on the
+development machine, see below) is used when no calibration file is given. A calibration file
+written before the prefill-step and decode-pair terms existed loads with ``prefill_step_s`` 0
+and ``decode_pair_s`` None (decode pairs then cost ``attention_pair_s``, as that model had it).
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +36,37 @@ class CPUCalibration:
     disk_write_bytes_per_s: float
     num_samples: int = 0
     median_rel_error: float = 0.0
+    prefill_step_s: float = 0.0
+    decode_pair_s: float | None = None  # None: decode pairs cost ``attention_pair_s``
+
+    @property
+    def decode_pair_cost_s(self) -> float:
+        return self.attention_pair_s if self.decode_pair_s is None else self.decode_pair_s
+
+    def scaled(self, *, prefill: float, decode: float) -> CPUCalibration:
+        """Step costs scaled: the decode terms (the fixed cost, per sequence, per decode pair)
+        by ``decode``, the prefill terms (per token, per prefill pair, a prefill's fixed cost)
+        by ``prefill``; copy bandwidths unchanged."""
+        return replace(
+            self,
+            base_s=self.base_s * decode,
+            decode_seq_s=self.decode_seq_s * decode,
+            decode_pair_s=self.decode_pair_cost_s * decode,
+            prefill_token_s=self.prefill_token_s * prefill,
+            attention_pair_s=self.attention_pair_s * prefill,
+            prefill_step_s=self.prefill_step_s * prefill,
+        )
+
+    def describe(self) -> str:
+        """The fitted step model, in words and units."""
+        return (
+            f"step = {self.base_s * 1e3:.1f} ms"
+            f" + {self.prefill_step_s * 1e3:.1f} ms if it has prefill tokens"
+            f" + {self.prefill_token_s * 1e6:.0f} µs × prefill tokens"
+            f" + {self.decode_seq_s * 1e3:.1f} ms × decode sequences"
+            f" + {self.attention_pair_s * 1e9:.0f} ns × prefill attended pairs"
+            f" + {self.decode_pair_cost_s * 1e9:.0f} ns × decode attended pairs"
+        )
 
     def links(self, network_bytes_per_s: float = 10 * GB / 8) -> Links:
         """On a CPU, "device" and host are both RAM: a tier copy is a memcpy."""
@@ -63,11 +99,14 @@ class CPUCost:
 
     def step_seconds(self, shape: StepShape) -> float:
         c = self.c
+        prefill_tokens = shape.tokens - shape.decode_seqs
         return max(
             c.base_s
-            + c.prefill_token_s * shape.prefill_tokens
+            + (c.prefill_step_s if prefill_tokens else 0.0)
+            + c.prefill_token_s * prefill_tokens
             + c.decode_seq_s * shape.decode_seqs
-            + c.attention_pair_s * shape.attention_pairs,
+            + c.attention_pair_s * (shape.attention_pairs - shape.decode_pairs)
+            + c.decode_pair_cost_s * shape.decode_pairs,
             0.0,
         )
 

@@ -185,10 +185,7 @@ def _calibrate(args: argparse.Namespace) -> int:
     path = write_calibration(out, calibration, machine)
     c = calibration
     print(
-        f"{c.num_samples} steps: base {c.base_s * 1e3:.2f} ms, prefill"
-        f" {c.prefill_token_s * 1e6:.1f} us/token, decode {c.decode_seq_s * 1e3:.2f} ms/seq,"
-        f" attention"
-        f" {c.attention_pair_s * 1e9:.2f} ns/pair (median error {c.median_rel_error:.0%});"
+        f"{c.num_samples} steps: {c.describe()} (median error {c.median_rel_error:.0%});"
         f" memcpy {c.memcpy_bytes_per_s / 1e9:.1f} GB/s, disk read"
         f" {c.disk_read_bytes_per_s / 1e9:.1f} / write {c.disk_write_bytes_per_s / 1e9:.1f} GB/s;"
         f" written to {path}"

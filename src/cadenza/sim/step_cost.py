@@ -25,6 +25,7 @@ class StepShape:
     attention_pairs: int = 0  # sum over computed tokens of the positions each attends
     context_tokens: int = 0  # KV positions read: each chunk's end position
     sampled: int = 0  # rows that reach the LM head
+    decode_pairs: int = 0  # of ``attention_pairs``, those of the decode tokens (one row each)
 
     @property
     def prefill_tokens(self) -> int:
@@ -37,18 +38,19 @@ def causal_pairs(start: int, end: int) -> int:
 
 
 def step_shape(plan: SchedulerOutput) -> StepShape:
-    tokens = decode = pairs = context = sampled = 0
+    tokens = decode = pairs = context = sampled = decode_pairs = 0
     for chunk in plan.chunks:
         n = chunk.num_tokens
         tokens += n
         end = chunk.segments[-1][1]
         if n == 1 and chunk.samples and end > 1:
             decode += 1
+            decode_pairs += end  # causal_pairs(end - 1, end)
         for start, stop in chunk.segments:
             pairs += causal_pairs(start, stop)
         context += end
         sampled += chunk.samples
-    return StepShape(tokens, decode, len(plan.chunks), pairs, context, sampled)
+    return StepShape(tokens, decode, len(plan.chunks), pairs, context, sampled, decode_pairs)
 
 
 class StepCost(Protocol):

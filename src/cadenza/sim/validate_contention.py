@@ -25,7 +25,7 @@ import random
 import statistics
 import threading
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 from cadenza.sim.cpu_cost import CPUCalibration
@@ -52,13 +52,7 @@ class Contention:
     def apply(self, calibration: CPUCalibration, busy: float = 1.0) -> CPUCalibration:
         """The calibration of a worker whose neighbours step a fraction ``busy`` of the time."""
         prefill, decode = self.at(busy)
-        return replace(
-            calibration,
-            base_s=calibration.base_s * decode,
-            decode_seq_s=calibration.decode_seq_s * decode,
-            prefill_token_s=calibration.prefill_token_s * prefill,
-            attention_pair_s=calibration.attention_pair_s * prefill,
-        )
+        return calibration.scaled(prefill=prefill, decode=decode)
 
     def to_json(self) -> dict[str, Any]:
         return {

@@ -18,6 +18,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from cadenza.sim.cpu_cost import CPUCalibration
 from cadenza.sim.validate_errors import METRICS, format_error, metric
 
 WITHIN, MISSED = "✅", "❌"
@@ -130,10 +131,7 @@ def render_markdown(doc: Mapping[str, Any], plot_name: str | None = None) -> str
         lines += [
             "Calibration"
             + (f" ({meta['calibration_source']})" if meta.get("calibration_source") else "")
-            + f": step = {cal.get('base_s', 0) * 1e3:.1f} ms"
-            + f" + {cal.get('prefill_token_s', 0) * 1e6:.0f} µs × prefill tokens"
-            + f" + {cal.get('decode_seq_s', 0) * 1e3:.1f} ms × decode sequences"
-            + f" + {cal.get('attention_pair_s', 0) * 1e9:.2f} ns × attended pairs;"
+            + f": {CPUCalibration.from_json(cal).describe()};"
             + f" {cal.get('num_samples', 0)} steps, median fit error"
             + f" {cal.get('median_rel_error', 0):.0%}.",
             "",

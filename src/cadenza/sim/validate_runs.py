@@ -20,7 +20,6 @@ import json
 import tempfile
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -103,13 +102,7 @@ def simulate_run(
 
 def scaled_by(calibration: Any, factor: float) -> Any:
     """``calibration`` with every step cost times ``factor`` (copy bandwidths unchanged)."""
-    return replace(
-        calibration,
-        base_s=calibration.base_s * factor,
-        prefill_token_s=calibration.prefill_token_s * factor,
-        decode_seq_s=calibration.decode_seq_s * factor,
-        attention_pair_s=calibration.attention_pair_s * factor,
-    )
+    return calibration.scaled(prefill=factor, decode=factor)
 
 
 def at_real_speed(

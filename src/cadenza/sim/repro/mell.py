@@ -193,7 +193,7 @@ def timeline_workers(cost: Any, turns: list[TraceTurn], capacity_tokens: int, pl
     out = sum(t.output_tokens for t in turns) / len(turns)
     kv = sum(t.input_tokens + t.output_tokens / 2 for t in turns) / len(turns)
     batch = max(1, int(plan.fill * capacity_tokens / kv))
-    shape = StepShape(batch, batch, batch, int(batch * kv), int(batch * kv), batch)
+    shape = StepShape(batch, batch, batch, int(batch * kv), int(batch * kv), batch, int(batch * kv))
     lifetime = out * cost.step_seconds(shape)
     need = rate * lifetime * kv / (plan.fill * capacity_tokens)
     return max(plan.min_timeline_workers, math.ceil(need))
