@@ -347,8 +347,8 @@ def test_waiter_for_room_to_fetch_is_overtaken_at_most_k_times() -> None:
 
 
 def test_cached_by_tier_counts_only_blocks_reused_after_a_failed_disk_fetch() -> None:
-    # 8 blocks of 16 tokens on disk; the second one is corrupt, so only the first is reused
-    # and the rest of the prompt is recomputed.
+    # 8 blocks of 16 tokens on disk; the second one is corrupt, so it is recomputed (a hole)
+    # and the other seven are reused, the six after the hole included.
     sched = make_scheduler(64, block_size=16, budget=512)
     disk = FakeDisk()
     history = tokens(1, 129)
@@ -371,8 +371,9 @@ def test_cached_by_tier_counts_only_blocks_reused_after_a_failed_disk_fetch() ->
         if request.num_cached_tokens >= 0:
             break
     assert tiers.stats.failed_fetches == 1
-    assert request.num_cached_tokens == 16
-    assert request.cached_by_tier == {"device": 0, "host": 0, "disk": 16}
+    assert request.num_cached_tokens == 7 * 16
+    assert request.cached_by_tier == {"device": 0, "host": 0, "disk": 7 * 16}
+    assert request.skips == [] and request.num_computed_tokens == len(request.prompt_token_ids)
 
 
 def test_cached_by_tier_splits_device_host_and_disk_blocks() -> None:

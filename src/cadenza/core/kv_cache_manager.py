@@ -6,6 +6,9 @@ leading blocks may have been evicted while later ones survived, because eviction
 conversation's leading chunks first. ``locate_prefix`` finds the first run of blocks that are
 still held somewhere; the leading hole before it is recomputed in the same pass as the new tokens
 (the request's counter skips over the run), and lower-tier blocks are fetched before admission.
+The device pool and the host tier rank their blocks apart, so a chain can also lose a block in
+the middle; admission asks for the runs after such a hole too (``later_runs``), recomputes every
+hole and reuses every run, instead of recomputing all that follows the first hole.
 """
 
 from __future__ import annotations
@@ -28,14 +31,33 @@ class TierLocator(Protocol):
 
 
 @dataclass
+class HeldRun:
+    """Blocks ``[start, start + len(tiers))`` of a request, held in ``tiers`` (device blocks in
+    ``device``, ``None`` where not on the device), after a hole."""
+
+    start: int
+    tiers: list[Tier] = field(default_factory=list)
+    device: list[KVBlock | None] = field(default_factory=list)
+
+
+@dataclass
 class PrefixLocation:
     """Where a request's cached prefix lives: blocks ``[0, leading)`` are gone (recompute),
     blocks ``[leading, leading + len(tiers))`` are held in ``tiers`` (device blocks in
-    ``device``, ``None`` where not on the device)."""
+    ``device``, ``None`` where not on the device). ``later``: the runs held after further
+    holes, when asked for."""
 
     leading: int = 0
     tiers: list[Tier] = field(default_factory=list)
     device: list[KVBlock | None] = field(default_factory=list)
+    later: list[HeldRun] = field(default_factory=list)
+
+    def device_blocks(self) -> list[KVBlock]:
+        """Every device block of every run."""
+        found = [b for b in self.device if b is not None]
+        for run in self.later:
+            found.extend(b for b in run.device if b is not None)
+        return found
 
     @property
     def num_blocks(self) -> int:
@@ -81,8 +103,11 @@ class KVCacheManager:
     def _block_tokens(self, request: Request, i: int) -> list[int]:
         return request.all_token_ids[i * self.block_size : (i + 1) * self.block_size]
 
-    def locate_prefix(self, request: Request, lower: TierLocator | None = None) -> PrefixLocation:
-        """The first run of the request's blocks held in any tier, after any leading hole.
+    def locate_prefix(
+        self, request: Request, lower: TierLocator | None = None, *, later_runs: bool = False
+    ) -> PrefixLocation:
+        """The first run of the request's blocks held in any tier, after any leading hole, and
+        with ``later_runs`` the runs held after further holes.
 
         At least one token is always left to compute, since the step that computes it is the
         one that produces the logits for the next token.
@@ -91,6 +116,7 @@ class KVCacheManager:
         if not self.enable_caching:
             return loc
         max_blocks = min((request.num_tokens - 1) // self.block_size, len(request.block_hashes))
+        run: HeldRun | None = None  # the later run being extended
         for i in range(max_blocks):
             key = request.block_hashes[i]
             parent = request.block_hashes[i - 1] if i else request.hash_seed
@@ -100,12 +126,21 @@ class KVCacheManager:
             if tier is None and lower is not None:
                 tier = lower.locate(key, parent, tokens)
             if tier is None:
-                if loc.tiers:
+                if loc.tiers and not later_runs:
                     break
-                loc.leading = i + 1
+                if not loc.tiers:
+                    loc.leading = i + 1
+                run = None
                 continue
-            loc.tiers.append(tier)
-            loc.device.append(block)
+            if not loc.tiers or (run is None and loc.leading + len(loc.tiers) == i):
+                loc.tiers.append(tier)
+                loc.device.append(block)
+                continue
+            if run is None:
+                run = HeldRun(i)
+                loc.later.append(run)
+            run.tiers.append(tier)
+            run.device.append(block)
         if not loc.tiers:
             loc.leading = 0
         return loc
@@ -124,16 +159,18 @@ class KVCacheManager:
     def lower_tier_blocks(
         self, request: Request, loc: PrefixLocation
     ) -> list[tuple[bytes, bytes, tuple[int, ...], int, Tier]]:
-        """``(key, parent, tokens, position, tier)`` of the located run's blocks that sit below
+        """``(key, parent, tokens, position, tier)`` of the located runs' blocks that sit below
         the device: what a fetch must copy up."""
         size = self.block_size
         out = []
-        for offset, tier in enumerate(loc.tiers):
-            if tier != Tier.DEVICE:
-                i = loc.leading + offset
-                parent = request.block_hashes[i - 1] if i else request.hash_seed
-                tokens = tuple(request.all_token_ids[i * size : (i + 1) * size])
-                out.append((request.block_hashes[i], parent, tokens, i * size, tier))
+        runs = [(loc.leading, loc.tiers)] + [(r.start, r.tiers) for r in loc.later]
+        for start, tiers in runs:
+            for offset, tier in enumerate(tiers):
+                if tier != Tier.DEVICE:
+                    i = start + offset
+                    parent = request.block_hashes[i - 1] if i else request.hash_seed
+                    tokens = tuple(request.all_token_ids[i * size : (i + 1) * size])
+                    out.append((request.block_hashes[i], parent, tokens, i * size, tier))
         return out
 
     def blocks_to_fetch(
@@ -143,7 +180,8 @@ class KVCacheManager:
         the session's partial tail block when it sits below the device (left out, the turn
         would wait for a second one-block fetch)."""
         wanted = self.lower_tier_blocks(request, loc)
-        if loc.leading == 0 and self.find_tail(request, loc.num_blocks) is None:
+        whole = loc.leading == 0 and not loc.later
+        if whole and self.find_tail(request, loc.num_blocks) is None:
             address = self.tail_address(request, loc.num_blocks)
             tier = locator.locate(*address[:3]) if address is not None else None
             if address is not None and tier is not None:
@@ -194,7 +232,7 @@ class KVCacheManager:
         self.pool.register(block, hash_block(parent, tokens), parent, tokens, num_full * size)
 
     def _num_new_blocks(
-        self, request: Request, end: int, cached: list[KVBlock], leading: int
+        self, request: Request, end: int, layout: list[KVBlock | None]
     ) -> tuple[int, int]:
         """Fresh blocks needed so tokens ``[0, end)`` have slots, and cached blocks revived."""
         held = len(self._blocks.get(request.request_id, ()))
@@ -202,59 +240,59 @@ class KVCacheManager:
         if held:
             need = total - held if total > held else 0
         else:
-            need = leading + max(0, total - leading - len(cached))
-        if not cached:
+            holes = sum(1 for b in layout if b is None)
+            need = holes + max(0, total - len(layout))
+        if not layout:
             return need, 0  # a running request's next chunk (most calls)
         # Cached blocks nobody references sit in the free queue; taking them uses free space.
-        revived = sum(1 for b in cached if b.ref_cnt == 0)
+        revived = sum(1 for b in layout if b is not None and b.ref_cnt == 0)
         return need, revived
 
     def can_allocate(
         self,
         request: Request,
         end: int,
-        cached: list[KVBlock] | None = None,
+        layout: list[KVBlock | None] | None = None,
         reserve_blocks: int = 0,
-        leading: int = 0,
     ) -> bool:
-        """Whether slots for tokens ``[0, end)`` fit (with ``cached`` blocks placed after
-        ``leading`` fresh ones, for a request not yet holding blocks)."""
-        need, revived = self._num_new_blocks(request, end, cached or [], leading)
+        """Whether slots for tokens ``[0, end)`` fit, for a request not yet holding blocks laid
+        out as ``layout`` (its leading blocks: a cached block, or None for a fresh one that
+        recomputes a hole; fresh ones follow)."""
+        need, revived = self._num_new_blocks(request, end, layout or [])
         return need + revived + reserve_blocks <= self.pool.num_free_blocks
 
     def allocate(
         self,
         request: Request,
         end: int,
-        cached: list[KVBlock] | None = None,
-        leading: int = 0,
+        layout: list[KVBlock | None] | None = None,
         tail: KVBlock | None = None,
     ) -> None:
-        """Give the request slots for tokens ``[0, end)``: ``leading`` fresh blocks, then the
-        ``cached`` ones (and an adopted partial ``tail``), then fresh ones; check
-        ``can_allocate`` first (with the tail counted among ``cached``)."""
-        if not cached and tail is None:
+        """Give the request slots for tokens ``[0, end)``: its leading blocks as ``layout``
+        says (cached ones reused, fresh ones where it has None), an adopted partial ``tail``
+        after them, then fresh ones; check ``can_allocate`` first (with the tail counted in
+        the layout)."""
+        if not layout and tail is None:
             blocks = self._blocks.get(request.request_id)
             if blocks and -(-end // self.block_size) <= len(blocks):
                 return  # a running request whose slots already cover ``end`` (most decodes)
-        cached = list(cached or [])
-        num_full = len(cached)
+        placed = list(layout or [])
+        holes = any(b is None for b in placed)
+        num_full = len(placed)
         if tail is not None:
-            cached.append(tail)
-        need, _ = self._num_new_blocks(request, end, cached, leading)
+            placed.append(tail)
+        need, _ = self._num_new_blocks(request, end, placed)
+        cached = [b for b in placed if b is not None]
         if cached:
             self.pool.touch(cached)
         if tail is not None:
             self.pool.unregister(tail)  # its content grows from here on
-        fresh = self.pool.allocate(need)
+        fresh = iter(self.pool.allocate(need))
         blocks = self._blocks.setdefault(request.request_id, [])
         if not blocks:
-            self._num_registered[request.request_id] = 0 if leading else num_full
-            blocks.extend(fresh[:leading])
-            blocks.extend(cached)
-            blocks.extend(fresh[leading:])
-        else:
-            blocks.extend(fresh)
+            self._num_registered[request.request_id] = 0 if holes else num_full
+            blocks.extend(b if b is not None else next(fresh) for b in placed)
+        blocks.extend(fresh)
 
     def register_full_blocks(self, request: Request) -> list[KVBlock]:
         """Index every block whose tokens all have computed KV; returns the newly indexed."""

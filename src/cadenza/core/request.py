@@ -57,10 +57,10 @@ class Request:
     session_id: str | None = None
     num_history_tokens: int = 0
     num_redundant_tokens: int = 0
-    # Leading hole: when the counter reaches ``skip_from`` it jumps to ``skip_to`` (the blocks
-    # in between were found cached after the hole was recomputed).
-    skip_from: int = 0
-    skip_to: int = 0
+    # Cached runs after a hole, as token ranges ``(start, end)``, ascending: when the counter
+    # reaches a run's start it jumps to its end (the run's blocks were found cached; the holes
+    # before them are recomputed).
+    skips: list[tuple[int, int]] = field(default_factory=list)
     # Prompt tokens reused from the cache at first admission, by the tier each block came
     # from ("device": a device hit; "host"/"disk": fetched from there for this request); they
     # sum to ``num_cached_tokens``. Empty when nothing was reused.
@@ -96,27 +96,41 @@ class Request:
     def is_finished(self) -> bool:
         return self.status.is_finished
 
+    @property
+    def num_skipped_tokens(self) -> int:
+        """Tokens of the cached runs still ahead of the counter (never computed here)."""
+        return sum(end - start for start, end in self.skips)
+
     def segments(self, num_new: int) -> list[tuple[int, int]]:
-        """The token ranges the next ``num_new`` tokens cover, jumping over a skipped run."""
-        start = self.num_computed_tokens
-        if self.skip_to > self.skip_from >= start:
-            first = min(num_new, self.skip_from - start)
-            rest = min(num_new - first, self.num_tokens - self.skip_to)
-            out = [(start, start + first)] if first else []
-            if rest > 0:
-                out.append((self.skip_to, self.skip_to + rest))
-            return out
-        return [(start, start + min(num_new, self.num_tokens - start))]
+        """The token ranges the next ``num_new`` tokens cover, jumping over cached runs."""
+        pos = self.num_computed_tokens
+        left = num_new
+        out: list[tuple[int, int]] = []
+        for start, end in self.skips:
+            if end <= pos:
+                continue  # behind the counter (``advance`` drops these)
+            n = min(left, start - pos)
+            if n > 0:
+                out.append((pos, pos + n))
+                left -= n
+            if left <= 0:
+                return out
+            pos = end
+        n = min(left, self.num_tokens - pos)
+        if n > 0:
+            out.append((pos, pos + n))
+        return out
 
     def advance(self, segments: list[tuple[int, int]]) -> None:
         """Mark the segments computed (and count history tokens computed again)."""
         for start, end in segments:
             self.num_redundant_tokens += max(0, min(end, self.num_history_tokens) - start)
         self.num_computed_tokens = segments[-1][1]
-        if self.skip_to > self.skip_from and self.num_computed_tokens >= self.skip_from:
-            if self.num_computed_tokens == self.skip_from:
-                self.num_computed_tokens = self.skip_to
-            self.skip_from = self.skip_to = 0
+        skips = self.skips
+        while skips and self.num_computed_tokens >= skips[0][0]:
+            start, end = skips.pop(0)
+            if self.num_computed_tokens == start:
+                self.num_computed_tokens = end
 
     def append_output_token(self, token_id: int) -> None:
         self.output_token_ids.append(token_id)

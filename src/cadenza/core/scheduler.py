@@ -13,7 +13,9 @@ run: nothing waits forever at the head of the queue.
 With tiers attached, a waiting request whose cached prefix sits on host or disk first gets a
 fetch job and waits for it (or for room to fetch into); later requests are admitted meanwhile,
 but at most ``max_fetch_overtakes`` of them, after which admission waits behind it. A request
-whose leading blocks were dropped recomputes them in the same pass as its new tokens.
+whose leading blocks were dropped recomputes them in the same pass as its new tokens, and so
+does one that lost blocks in the middle: every hole is recomputed and every run held after it
+is reused.
 Preemption swaps the victim's computed blocks out to a lower tier before freeing them, so on
 re-admission its prefix is found again (on the device if it survived there, else on host or
 disk); without tiers it is recomputed.
@@ -45,11 +47,25 @@ from cadenza.core.transfer import Tier
 SHARED_PREFIX_MIN_BLOCKS = 2
 
 
+def _runs_after_holes(layout: list[KVBlock | None], first: int, size: int) -> list[tuple[int, int]]:
+    """The token ranges of ``layout``'s cached runs from block ``first`` on (after its first
+    hole): what the request's counter skips."""
+    runs: list[tuple[int, int]] = []
+    for i in range(first, len(layout)):
+        if layout[i] is None:
+            continue
+        if runs and runs[-1][1] == i * size:
+            runs[-1] = (runs[-1][0], (i + 1) * size)
+        else:
+            runs.append((i * size, (i + 1) * size))
+    return runs
+
+
 @dataclass
 class ScheduledChunk:
     request: Request
-    # Token ranges computed this step: one, or two when a leading hole is recomputed in the
-    # same pass as the tokens after the cached run.
+    # Token ranges computed this step: one, or more when holes in the cached history are
+    # recomputed in the same pass as the tokens after the cached runs.
     segments: list[tuple[int, int]]
     # Whether this chunk reaches the end of the token list, so the step samples a token.
     samples: bool
@@ -199,7 +215,7 @@ class Scheduler:
             loc = None
             waits = self.tiers is not None and self.tiers.is_fetching(request.request_id)
             if not waits:
-                loc = self.kv.locate_prefix(request, self.tiers)
+                loc = self.kv.locate_prefix(request, self.tiers, later_runs=True)
                 waits = self._start_fetch(request, loc)
             if waits:
                 if request.num_overtaken >= self.max_fetch_overtakes:
@@ -258,23 +274,18 @@ class Scheduler:
         """Admit ``request`` over its located prefix if the budget and the pool allow; returns
         the tokens scheduled for it, or None (the request unchanged) if it must wait."""
         size = self.kv.block_size
-        cached = []
-        for block in loc.device:
-            if block is None:
-                break  # not fetched: recompute from here
-            cached.append(block)
-        leading = loc.leading if cached else 0
+        layout = self._reuse_layout(loc)
+        cached = [b for b in layout if b is not None]
+        whole = len(cached) == len(layout)  # a cached run from the first block, no hole
         held = self.tiers.held(request.request_id) if self.tiers is not None else []
-        tail = None if leading else self.kv.find_tail(request, len(cached), held)
-        request.num_computed_tokens = 0 if leading else len(cached) * size
+        tail = self.kv.find_tail(request, len(cached), held) if whole else None
+        # The counter starts after the leading cached run; the runs after holes are skipped.
+        first = next((i for i, b in enumerate(layout) if b is None), len(layout))
+        request.num_computed_tokens = first * size
         if tail is not None:
             request.num_computed_tokens += tail.num_tokens
-        request.skip_from = request.skip_to = 0
-        if leading:
-            request.skip_from = leading * size
-            request.skip_to = (leading + len(cached)) * size
-        remaining = request.num_tokens - (request.skip_to - request.skip_from)
-        remaining -= request.num_computed_tokens
+        request.skips = _runs_after_holes(layout, first, size)
+        remaining = request.num_tokens - request.num_skipped_tokens - request.num_computed_tokens
         # Without chunked prefill a request waits for a step with budget for all of it, unless
         # it is longer than any step (a preempted request's recompute): that one goes in chunks.
         if (
@@ -285,21 +296,19 @@ class Scheduler:
             return None
         num_new = self._chunk_size(request, budget)
         segments = request.segments(num_new)
-        end = max(segments[-1][1], request.skip_to)
-        with_tail = cached + [tail] if tail is not None else cached
-        if not self._fits(request, end, with_tail, leading):
+        end = max(segments[-1][1], request.skips[-1][1] if request.skips else 0)
+        with_tail = layout + [tail] if tail is not None else layout
+        if not self._fits(request, end, with_tail):
             self._unplace(request)
             return None
         if request.num_cached_tokens < 0:
-            request.num_cached_tokens = (
-                request.num_computed_tokens + request.skip_to - request.skip_from
-            )
+            request.num_cached_tokens = request.num_computed_tokens + request.num_skipped_tokens
             request.cached_by_tier = self._reused_by_tier(request, cached, tail, held)
             self.kv.prefix_queries += request.num_tokens
             self.kv.prefix_hits += request.num_cached_tokens
         request.fetch_sources = {}
         self.waiting.remove(request)
-        self.kv.allocate(request, end, cached, leading, tail)
+        self.kv.allocate(request, end, layout, tail)
         if self.tiers is not None:
             self.tiers.release_held(request.request_id)
         request.status = RequestStatus.RUNNING
@@ -307,8 +316,9 @@ class Scheduler:
         out.chunks.append(self._chunk(request, segments))
         return num_new
 
-    def _fits(self, request: Request, end: int, cached: list[KVBlock], leading: int) -> bool:
-        """Whether admission can give ``request`` slots for tokens ``[0, end)``.
+    def _fits(self, request: Request, end: int, layout: list[KVBlock | None]) -> bool:
+        """Whether admission can give ``request`` slots for tokens ``[0, end)``, its leading
+        blocks laid out as ``layout`` (cached blocks, None for fresh ones in holes).
 
         With requests running, the admission reserve stays free for their decodes. With nothing
         running the reserve protects nobody, so the whole pool is available; and if device
@@ -318,12 +328,32 @@ class Scheduler:
         """
         kv = self.kv
         if self.running:
-            return kv.can_allocate(request, end, cached, self.reserve_blocks, leading)
-        if kv.can_allocate(request, end, cached, 0, leading):
+            return kv.can_allocate(request, end, layout, self.reserve_blocks)
+        if kv.can_allocate(request, end, layout, 0):
             return True
-        return self._let_go_of_holds(request, cached) and kv.can_allocate(
-            request, end, cached, 0, leading
-        )
+        keep = [b for b in layout if b is not None]
+        return self._let_go_of_holds(request, keep) and kv.can_allocate(request, end, layout, 0)
+
+    @staticmethod
+    def _reuse_layout(loc: PrefixLocation) -> list[KVBlock | None]:
+        """The request's leading blocks as admission places them: each located block on the
+        device (fetched ones included) reused, None for a hole to recompute. A run is used up
+        to its first block not on the device (its fetch did not bring it: recomputed, with
+        everything after it); no trailing holes."""
+        layout: list[KVBlock | None] = [None] * loc.leading
+        runs = [(loc.leading, loc.device)] + [(r.start, r.device) for r in loc.later]
+        for start, blocks in runs:
+            layout.extend([None] * (start - len(layout)))
+            for block in blocks:
+                if block is None:
+                    break
+                layout.append(block)
+            else:
+                continue
+            break
+        while layout and layout[-1] is None:
+            layout.pop()
+        return layout
 
     def _let_go_of_holds(self, request: Request, keep: list[KVBlock]) -> bool:
         """Release device blocks held for waiting requests, except ``request``'s blocks in
@@ -367,7 +397,7 @@ class Scheduler:
     @staticmethod
     def _unplace(request: Request) -> None:
         request.num_computed_tokens = 0
-        request.skip_from = request.skip_to = 0
+        request.skips = []
 
     def _start_fetch(self, request: Request, loc: PrefixLocation) -> bool:
         """Fetch the lower-tier blocks of the located run, once; True if the request waits
@@ -382,12 +412,13 @@ class Scheduler:
             return False
         reserve = self.reserve_blocks if self.running else 0  # as in ``_fits``
         room = self.kv.pool.num_free_blocks - reserve
-        room -= sum(1 for b in loc.device if b is not None and b.ref_cnt == 0)
+        on_device = loc.device_blocks()
+        room -= sum(1 for b in on_device if b.ref_cnt == 0)
         if room < len(wanted) and self.running:
             return True  # wait for room rather than recompute what a lower tier holds
         request.fetch_tried = True
         # Hold the run's device blocks so the fetch (or anyone) cannot evict them meanwhile.
-        self.tiers.hold(request.request_id, [b for b in loc.device if b is not None])
+        self.tiers.hold(request.request_id, on_device)
         wanted = wanted[: max(0, room)]
         request.fetch_sources = {key: tier.value for key, _, _, _, tier in wanted}
         if self.tiers.fetch(request.request_id, wanted) is None:
@@ -405,7 +436,7 @@ class Scheduler:
 
     def _chunk_size(self, request: Request, budget: int) -> int:
         remaining = request.num_tokens - request.num_computed_tokens
-        remaining -= request.skip_to - request.skip_from
+        remaining -= request.num_skipped_tokens
         num_new = min(remaining, budget)
         if self.config.long_prefill_token_threshold > 0:
             num_new = min(num_new, self.config.long_prefill_token_threshold)
@@ -422,7 +453,7 @@ class Scheduler:
         self.kv.free(request)
         request.status = RequestStatus.PREEMPTED
         request.num_computed_tokens = 0
-        request.skip_from = request.skip_to = 0
+        request.skips = []
         request.fetch_tried = False
         request.fetch_sources = {}
         request.num_overtaken = 0
