@@ -31,7 +31,7 @@ class TierLocator(Protocol):
 
 
 @dataclass
-class HeldRun:
+class LaterRun:
     """Blocks ``[start, start + len(tiers))`` of a request, held in ``tiers`` (device blocks in
     ``device``, ``None`` where not on the device), after a hole."""
 
@@ -50,7 +50,7 @@ class PrefixLocation:
     leading: int = 0
     tiers: list[Tier] = field(default_factory=list)
     device: list[KVBlock | None] = field(default_factory=list)
-    later: list[HeldRun] = field(default_factory=list)
+    later: list[LaterRun] = field(default_factory=list)
 
     def device_blocks(self) -> list[KVBlock]:
         """Every device block of every run."""
@@ -116,7 +116,7 @@ class KVCacheManager:
         if not self.enable_caching:
             return loc
         max_blocks = min((request.num_tokens - 1) // self.block_size, len(request.block_hashes))
-        run: HeldRun | None = None  # the later run being extended
+        run: LaterRun | None = None  # the later run being extended
         for i in range(max_blocks):
             key = request.block_hashes[i]
             parent = request.block_hashes[i - 1] if i else request.hash_seed
@@ -137,7 +137,7 @@ class KVCacheManager:
                 loc.device.append(block)
                 continue
             if run is None:
-                run = HeldRun(i)
+                run = LaterRun(i)
                 loc.later.append(run)
             run.tiers.append(tier)
             run.device.append(block)
