@@ -29,6 +29,8 @@ class TierLocator(Protocol):
 
     def locate(self, key: bytes, parent: bytes, token_ids: list[int]) -> Tier | None: ...
 
+    def has_lower_copy(self, key: bytes) -> bool: ...
+
 
 @dataclass
 class LaterRun:
@@ -117,14 +119,19 @@ class KVCacheManager:
             return loc
         max_blocks = min((request.num_tokens - 1) // self.block_size, len(request.block_hashes))
         run: LaterRun | None = None  # the later run being extended
+        hashes, pool = request.block_hashes, self.pool
         for i in range(max_blocks):
-            key = request.block_hashes[i]
-            parent = request.block_hashes[i - 1] if i else request.hash_seed
-            tokens = self._block_tokens(request, i)
-            block = self.pool.lookup(key, parent, tokens)
-            tier = Tier.DEVICE if block is not None else None
-            if tier is None and lower is not None:
-                tier = lower.locate(key, parent, tokens)
+            key = hashes[i]
+            # Most misses (a turn's new blocks) are known by key alone: verify only a key held.
+            if pool.get(key) is None and (lower is None or not lower.has_lower_copy(key)):
+                tier, block = None, None
+            else:
+                parent = hashes[i - 1] if i else request.hash_seed
+                tokens = self._block_tokens(request, i)
+                block = pool.lookup(key, parent, tokens)
+                tier = Tier.DEVICE if block is not None else None
+                if tier is None and lower is not None:
+                    tier = lower.locate(key, parent, tokens)
             if tier is None:
                 if loc.tiers and not later_runs:
                     break
