@@ -33,9 +33,9 @@ class TierLocator(Protocol):
 
 
 @dataclass
-class LaterRun:
+class CachedRun:
     """Blocks ``[start, start + len(tiers))`` of a request, held in ``tiers`` (device blocks in
-    ``device``, ``None`` where not on the device), after a hole."""
+    ``device``, ``None`` where not on the device)."""
 
     start: int
     tiers: list[Tier] = field(default_factory=list)
@@ -52,14 +52,15 @@ class PrefixLocation:
     leading: int = 0
     tiers: list[Tier] = field(default_factory=list)
     device: list[KVBlock | None] = field(default_factory=list)
-    later: list[LaterRun] = field(default_factory=list)
+    later: list[CachedRun] = field(default_factory=list)
+
+    def runs(self) -> list[CachedRun]:
+        """Every located run in order: the first one, then the later ones."""
+        return [CachedRun(self.leading, self.tiers, self.device), *self.later]
 
     def device_blocks(self) -> list[KVBlock]:
         """Every device block of every run."""
-        found = [b for b in self.device if b is not None]
-        for run in self.later:
-            found.extend(b for b in run.device if b is not None)
-        return found
+        return [b for run in self.runs() for b in run.device if b is not None]
 
     @property
     def num_blocks(self) -> int:
@@ -118,7 +119,7 @@ class KVCacheManager:
         if not self.enable_caching:
             return loc
         max_blocks = min((request.num_tokens - 1) // self.block_size, len(request.block_hashes))
-        run: LaterRun | None = None  # the later run being extended
+        run: CachedRun | None = None  # the later run being extended
         hashes, pool = request.block_hashes, self.pool
         for i in range(max_blocks):
             key = hashes[i]
@@ -144,7 +145,7 @@ class KVCacheManager:
                 loc.device.append(block)
                 continue
             if run is None:
-                run = LaterRun(i)
+                run = CachedRun(i)
                 loc.later.append(run)
             run.tiers.append(tier)
             run.device.append(block)
@@ -170,11 +171,10 @@ class KVCacheManager:
         the device: what a fetch must copy up."""
         size = self.block_size
         out = []
-        runs = [(loc.leading, loc.tiers)] + [(r.start, r.tiers) for r in loc.later]
-        for start, tiers in runs:
-            for offset, tier in enumerate(tiers):
+        for run in loc.runs():
+            for offset, tier in enumerate(run.tiers):
                 if tier != Tier.DEVICE:
-                    i = start + offset
+                    i = run.start + offset
                     parent = request.block_hashes[i - 1] if i else request.hash_seed
                     tokens = tuple(request.all_token_ids[i * size : (i + 1) * size])
                     out.append((request.block_hashes[i], parent, tokens, i * size, tier))

@@ -276,11 +276,11 @@ class Scheduler:
         size = self.kv.block_size
         layout = self._reuse_layout(loc)
         cached = [b for b in layout if b is not None]
-        whole = len(cached) == len(layout)  # a cached run from the first block, no hole
-        held = self.tiers.held(request.request_id) if self.tiers is not None else []
-        tail = self.kv.find_tail(request, len(cached), held) if whole else None
         # The counter starts after the leading cached run; the runs after holes are skipped.
         first = next((i for i, b in enumerate(layout) if b is None), len(layout))
+        held = self.tiers.held(request.request_id) if self.tiers is not None else []
+        whole = first == len(layout)  # a cached run from the first block, no hole
+        tail = self.kv.find_tail(request, len(cached), held) if whole else None
         request.num_computed_tokens = first * size
         if tail is not None:
             request.num_computed_tokens += tail.num_tokens
@@ -340,11 +340,10 @@ class Scheduler:
         device (fetched ones included) reused, None for a hole to recompute. A run is used up
         to its first block not on the device (its fetch did not bring it: recomputed, with
         everything after it); no trailing holes."""
-        layout: list[KVBlock | None] = [None] * loc.leading
-        runs = [(loc.leading, loc.device)] + [(r.start, r.device) for r in loc.later]
-        for start, blocks in runs:
-            layout.extend([None] * (start - len(layout)))
-            for block in blocks:
+        layout: list[KVBlock | None] = []
+        for run in loc.runs():
+            layout.extend([None] * (run.start - len(layout)))
+            for block in run.device:
                 if block is None:
                     break
                 layout.append(block)
@@ -400,7 +399,7 @@ class Scheduler:
         request.skips = []
 
     def _start_fetch(self, request: Request, loc: PrefixLocation) -> bool:
-        """Fetch the lower-tier blocks of the located run, once; True if the request waits
+        """Fetch the lower-tier blocks of the located runs, once; True if the request waits
         (for the copy, or for room to copy into while other requests run)."""
         if self.tiers is None or request.fetch_tried:
             return False
@@ -417,7 +416,7 @@ class Scheduler:
         if room < len(wanted) and self.running:
             return True  # wait for room rather than recompute what a lower tier holds
         request.fetch_tried = True
-        # Hold the run's device blocks so the fetch (or anyone) cannot evict them meanwhile.
+        # Hold the runs' device blocks so the fetch (or anyone) cannot evict them meanwhile.
         self.tiers.hold(request.request_id, on_device)
         wanted = wanted[: max(0, room)]
         request.fetch_sources = {key: tier.value for key, _, _, _, tier in wanted}
