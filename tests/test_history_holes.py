@@ -81,3 +81,29 @@ def test_a_host_run_after_a_hole_is_fetched_and_reused(tiny_source, reference):
     by_tier = out.cached_tokens_by_tier
     assert (by_tier["device"], by_tier["host"]) == (4 * BLOCK, 3 * BLOCK)
     assert out.num_cached_tokens == 7 * BLOCK
+
+
+def test_a_hint_moves_and_pins_the_runs_after_a_hole(tiny_source, reference):
+    """A hint finds every held run, fetches the host run after a hole ahead of the turn and
+    pins the device runs, so the turn finds all of them on the device."""
+    prompt, expected = reference
+    with LLM(source=tiny_source, num_kv_blocks=64, host_num_blocks=64) as llm:
+        assert _second_prompt(llm) == prompt
+        blocks = _blocks_by_index(llm)
+        pool = llm.engine.scheduler.kv.pool
+        tiers = llm.engine.core.tiers
+        tiers.offload_now([blocks[i] for i in (3, 4, 5)])
+        for i in (2, 3, 4, 5, 6):  # runs: [0, 1] and [7, 8] on device, [3, 5] on host
+            pool.drop(blocks[i])
+        found = llm.engine.hint("s", prompt, expected_arrival_s=5.0)
+        assert (found["device"], found["host"]) == (4, 3)
+        assert all(blocks[i].pin_until > 0 for i in (0, 1, 7, 8))
+        while tiers.num_pending_jobs:
+            tiers.poll(wait_s=0.05)
+        fetched = tiers.stats.fetched_blocks["host"]
+        assert fetched == 3
+        (out,) = llm.generate([prompt], GREEDY)
+        assert tiers.stats.fetched_blocks["host"] == fetched  # nothing left to fetch
+    assert out.outputs[0].token_ids == expected
+    assert out.cached_tokens_by_tier["device"] == 7 * BLOCK
+    assert out.cached_tokens_by_tier.get("host", 0) == 0

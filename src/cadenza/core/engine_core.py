@@ -328,7 +328,9 @@ class EngineCore:
     ) -> dict[str, int]:
         """Advice that a session's next turn (over ``history``) is coming: move its KV towards
         the device now (as free space allows) and pin it until shortly after the expected
-        arrival. Returns how many blocks were found per tier. A wrong hint costs only copies."""
+        arrival. Returns how many blocks were found per tier, over every held run of the
+        history (a run after a hole included, as admission reuses it). A wrong hint costs only
+        copies."""
         if expected_arrival_s is not None and expected_arrival_s < 0:
             raise ValueError("expected_arrival_s must not be negative")
         found = {tier.value: 0 for tier in Tier}
@@ -336,13 +338,14 @@ class EngineCore:
             return found
         probe = self._probe(f"hint:{session_id}", history, cache_salt)
         kv = self.scheduler.kv
-        loc = kv.locate_prefix(probe, self.tiers)
-        for tier in Tier:
-            found[tier.value] = loc.count(tier)
+        # Every held run, as admission will use them: a run after a hole is worth moving too.
+        loc = kv.locate_prefix(probe, self.tiers, later_runs=True)
+        for run in loc.runs():
+            for tier in run.tiers:
+                found[tier.value] += 1
         horizon = ttl_s if ttl_s is not None else (expected_arrival_s or 0.0) + HINT_GRACE_S
         until = self.clock() + horizon
-        on_device = [b for b in loc.device if b is not None]
-        self.tiers.pin(on_device, until)
+        self.tiers.pin(loc.device_blocks(), until)
         if self.tiers.is_fetching(probe.request_id):
             return found
         wanted = kv.blocks_to_fetch(probe, loc, self.tiers)
