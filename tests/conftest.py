@@ -65,6 +65,7 @@ def _hermetic_cache_dir(tmp_path_factory):
     else:
         os.environ["XDG_CACHE_HOME"] = previous
 
+
 @dataclass(eq=False)
 class EvictableEntry:
     """A bare eviction candidate (what the policies rank), for policy and index tests."""

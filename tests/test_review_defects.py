@@ -48,6 +48,7 @@ def test_a_client_gone_while_its_request_waits_leaves_the_queue(tiny_chat_source
             "max_tokens": 4000,
             "ignore_eos": True,
         }
+
         def run_hog() -> None:
             with contextlib.suppress(httpx.HTTPError):
                 httpx.post(server.base_url + "/v1/completions", json=long_body, timeout=120)

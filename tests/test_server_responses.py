@@ -195,9 +195,7 @@ def test_a_client_leaving_a_stream_frees_its_conversation(server, client):
     items = list(client.conversations.items.list(conv.id, order="asc"))
     assert [item.content[0].text for item in items] == ["Tell a long story.", "!"]
     sid = scoped_session(tenant_name(KEY), conv.id)
-    assert [t.status for t in server.store.turns(sid, include_incomplete=True)] == [
-        "aborted"
-    ]
+    assert [t.status for t in server.store.turns(sid, include_incomplete=True)] == ["aborted"]
     # The pending items go into the next response, once.
     reply = client.responses.create(conversation=conv.id, input="Short, please.", **GREEDY)
     inputs = client.responses.input_items.list(reply.id, order="asc").data

@@ -419,8 +419,8 @@ class LLMEngine:
             case AddRequest(request=request):
                 return self.submit(request)
             case AbortRequest(request_id=rid, reason=reason, export=export):
-                return self.stop_and_export(rid, reason) if export else self.abort_request(
-                    rid, reason
+                return (
+                    self.stop_and_export(rid, reason) if export else self.abort_request(rid, reason)
                 )
             case HintSession():
                 return HintResult(

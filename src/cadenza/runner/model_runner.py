@@ -134,9 +134,7 @@ class ModelRunner:
             prompt_token_ids=[r.prompt_token_ids for r in sampling],
             eos_token_ids=sampling[0].eos_token_ids,
         )
-        if self._grammars is not None or any(
-            r.sampling_params.structured_output for r in sampling
-        ):
+        if self._grammars is not None or any(r.sampling_params.structured_output for r in sampling):
             masks = self.grammar_matchers().masks(sampling)
             if masks is not None:
                 batch.mask_rows, batch.token_bitmask = masks.rows, masks.bitmask

@@ -31,9 +31,7 @@ async def retain_through_tool_calls(
         return 0.0
     try:
         await state.engine.call(
-            HintSession(
-                session_id, tuple(sessions.history(session_id)), tenant or None, ttl_s=ttl
-            )
+            HintSession(session_id, tuple(sessions.history(session_id)), tenant or None, ttl_s=ttl)
         )
     except Exception:  # a pin is an optimisation: the turn itself has already succeeded
         log.exception("pinning session %s through its tool call failed", session_id)
