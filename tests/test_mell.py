@@ -95,6 +95,19 @@ def test_no_operation_moves_more_than_max_moves():
         assert len(packer.end_epoch()) == moved
 
 
+def test_a_request_that_grows_out_of_its_worker_is_replaced_as_on_a_depart():
+    # Fig. 10: an Update is a Depart and an Allocate, so the worker it leaves is refilled.
+    packer = MellPacker(24)  # T (3, 6], S (6, 8]
+    sizes = [6, 6, 6, 6, 5, 5, 6, 6, 5]
+    placed = [packer.allocate(f"t{k}", b, W) for k, b in enumerate(sizes)]
+    assert placed == ["w0"] * 4 + ["w1"] * 4 + ["w2"]  # T-workers, each filled in turn
+    packer.update("t0", 8)  # T -> S: re-allocated where it fits (w2)
+    moves = packer.end_epoch()
+    # w0 is refilled with a T-request from the newer T-worker w1 (largest that fits)
+    assert [(m.request_id, m.src, m.dst) for m in moves] == [("t0", "w0", "w2"), ("t6", "w1", "w0")]
+    assert [packer.load(w) for w in ("w0", "w1", "w2")] == [24, 16, 13]
+
+
 def test_moves_cancel_within_an_epoch_and_chains_collapse():
     # x is evicted w0 -> w1 by an M; the M leaves and x grows to M: x is pulled back to w0
     packer = MellPacker(24)

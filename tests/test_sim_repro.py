@@ -178,6 +178,9 @@ def test_mell_tiny(options):
         assert res["timeline"]["turns"] == res["requests"] > 0
         for p in res["packers"].values():
             assert p["peak_active"] >= 1 and 0 < p["utilisation_mean"] <= 1
+            # no packer holds the KV on fewer GPUs than it needs, split at will
+            assert res["bounds"]["lower_peak"] <= p["peak_active_at_epochs"]
+        assert res["bounds"]["lower_peak"] <= res["bounds"]["repacked_peak"]
 
 
 def test_mell_replay_against_a_hand_computation():
@@ -191,6 +194,24 @@ def test_mell_replay_against_a_hand_computation():
     out = mell.replay(mell.make_packer("best-fit", 10, 1, 1e-4, plan), [a, b], 1.0, ["g0", "g1"])
     assert out["peak_active"] == 1 and out["active_series"][:4] == [1, 1, 1, 0]
     assert out["preemptions"] == 0 and out["migrations"] == 0
+
+
+def test_mell_packing_bounds_against_a_hand_computation():
+    # Capacity 9 blocks. At the t=2 epoch a holds 6 blocks (80 + 16 tokens) and b 4: 10
+    # blocks need 2 GPUs; at t=1 and t=3 a alone (5, then 7 blocks) needs 1; at t=4 and t=5
+    # nothing runs. Three 6-block requests on 10-block GPUs: 2 by the bound, 3 packed whole.
+    a = TurnRecord("a", 0, "w", 0.5, 0.5, 1.0, 4.0, 80, 0, 48)
+    b = TurnRecord("b", 0, "w", 1.5, 1.5, 2.0, 3.0, 64, 0, 1)
+    bounds = mell.packing_bounds([a, b], 9, 1.0)
+    assert bounds == {
+        "lower_peak": 2,
+        "lower_mean": pytest.approx(4 / 5),
+        "repacked_peak": 2,
+        "repacked_mean": pytest.approx(4 / 5),
+    }
+    assert [mell.kv_blocks_at(a, t) for t in (1.0, 2.0, 3.0)] == [5, 6, 7]
+    assert mell.first_fit_decreasing([6, 6, 6], 10) == 3
+    assert mell.first_fit_decreasing([6, 4, 3, 3, 2, 2], 10) == 2
 
 
 def test_pensieve_tiny(options):

@@ -18,7 +18,8 @@ request's. Three operations, as in the paper:
 * **Update** (a request grew): T/S becoming S/M is re-allocated; one becoming L moves if its
   worker already has an L, else the others make room if the worker overflows; an L that
   overflows its worker makes the others leave. Others leave largest first, only as many as
-  needed (the paper re-allocates all of them).
+  needed (the paper re-allocates all of them). An update is a Depart plus an Allocate: when
+  the grown request leaves its worker, that worker is refilled as on a Depart.
 
 Batching (the paper's operation buffer): Depart and Update are applied to the books at once
 but their moves are planned at ``end_epoch``, departures first, then updates; allocations in
@@ -414,7 +415,7 @@ class MellPacker(Bins):
         return True
 
     def _repair_update(self, op: _Op, rid: str, old: SizeClass) -> None:
-        worker_id = self._where[rid]
+        source = worker_id = self._where[rid]
         new = as_placement_class(self.class_of(rid))
         overflow = self._load[worker_id] > self._cap[worker_id]
         if len(self._members[worker_id]) == 1:
@@ -433,3 +434,5 @@ class MellPacker(Bins):
         worker_id = self._where[rid]
         if self._load[worker_id] > self._cap[worker_id]:
             self._relocate(op, rid, {worker_id})  # last resort: the grown request itself
+        if self._where[rid] != source:  # an update is a depart and an allocate: refill
+            self._repair_depart(op, source, new)

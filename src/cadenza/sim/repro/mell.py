@@ -123,6 +123,48 @@ def blocks(tokens: float, block_size: int = 16) -> int:
     return max(1, math.ceil(tokens / block_size))
 
 
+def kv_blocks_at(record: TurnRecord, t: float) -> int:
+    """A running request's KV at time ``t``: its prompt, plus its output grown linearly from
+    the first token to the finish (one token per decode step)."""
+    span = max(record.finish_s - record.first_token_s, 1e-9)
+    done = min(max((t - record.first_token_s) / span, 0.0), 1.0)
+    return blocks(record.prompt_tokens + done * record.output_tokens)
+
+
+def first_fit_decreasing(sizes: list[int], capacity: int) -> int:
+    """Bins first-fit decreasing needs for ``sizes`` (at most 11/9 of the optimum + 1)."""
+    bins: list[int] = []
+    for size in sorted(sizes, reverse=True):
+        for k, load in enumerate(bins):
+            if load + size <= capacity:
+                bins[k] = load + size
+                break
+        else:
+            bins.append(size)
+    return len(bins)
+
+
+def packing_bounds(records: list[TurnRecord], capacity: int, epoch_s: float) -> dict:
+    """What any packer could reach on these timelines, at the same epoch ends as ``replay``:
+    ``lower``, the GPUs the running KV needs if it could be split anywhere (ceil of its sum
+    over C; no packer needs fewer), and ``repacked``, the GPUs of an oracle that re-packs
+    every request from scratch each epoch (first-fit decreasing, unlimited migrations)."""
+    end = max((r.finish_s for r in records), default=0.0)
+    lower, repacked = [], []
+    t = epoch_s
+    while t <= end + epoch_s:
+        sizes = [kv_blocks_at(r, t) for r in records if r.arrival_s <= t < r.finish_s]
+        lower.append(math.ceil(sum(sizes) / capacity))
+        repacked.append(first_fit_decreasing(sizes, capacity))
+        t += epoch_s
+    return {
+        "lower_peak": max(lower, default=0),
+        "lower_mean": sum(lower) / len(lower) if lower else 0.0,
+        "repacked_peak": max(repacked, default=0),
+        "repacked_mean": sum(repacked) / len(repacked) if repacked else 0.0,
+    }
+
+
 def replay(packer: Any, records: list[TurnRecord], epoch_s: float, pool: list[str]) -> dict:
     """Replay request timelines through ``packer`` in epochs (see the module docstring)."""
     events = sorted(
@@ -145,9 +187,7 @@ def replay(packer: Any, records: list[TurnRecord], epoch_s: float, pool: list[st
                 packer.depart(str(i))
                 live.pop(i, None)
         for i, r in live.items():
-            span = max(r.finish_s - r.first_token_s, 1e-9)
-            done = min(max((t - r.first_token_s) / span, 0.0), 1.0)
-            packer.update(str(i), blocks(r.prompt_tokens + done * r.output_tokens))
+            packer.update(str(i), kv_blocks_at(r, t))
         moved = packer.end_epoch(pool)
         if isinstance(packer, MellPacker):
             migrations += len(moved)
@@ -216,6 +256,7 @@ def one(plan: Plan, options: Options, model: str, gpu: str, name: str, turns, so
         p = make_packer(packer, capacity, block_bytes, prefill_s, plan)
         packers[packer] = replay(p, run.records, plan.epoch_s, pool)
     bf = packers["best-fit"]["peak_active"]
+    bounds = packing_bounds(run.records, capacity, plan.epoch_s)
     m = run.metrics
     return {
         "workload": name,
@@ -234,9 +275,11 @@ def one(plan: Plan, options: Options, model: str, gpu: str, name: str, turns, so
             "attempts": tried,
         },
         "packers": packers,
+        "bounds": bounds,
         "mell_fewer_gpus_than_best_fit": 1 - ratio(packers["mell"]["peak_active"], bf)
         if bf
         else None,
+        "bound_fewer_gpus_than_best_fit": 1 - ratio(bounds["lower_peak"], bf) if bf else None,
     }
 
 

@@ -39,8 +39,14 @@ def headline_rows(data: dict[str, Any]) -> list[list[str]]:
             for w, r in items
         )
         mig = " / ".join(f"{w}: {r['packers']['mell']['migrations_per_s']:.2f}" for w, r in items)
+        bound = " / ".join(
+            f"{w}: {pct(-r['bound_fewer_gpus_than_best_fit'], 0)}"
+            for w, r in items
+            if r.get("bound_fewer_gpus_than_best_fit") is not None
+        )
         rows += [
             [f"GPUs vs best-fit ({gpu})", PAPER_FEWER.get(gpu, "–"), fewer],
+            [f"lower bound for any packer vs best-fit ({gpu})", "–", bound or "–"],
             [f"MELL utilisation ({gpu})", PAPER_UTIL.get(gpu, "–"), f"{util} ({base})"],
             [f"MELL migrations/s ({gpu})", PAPER_MIGRATIONS.get(gpu, "–"), mig],
         ]
@@ -62,6 +68,28 @@ def detail_table(data: dict[str, Any]) -> str:
                     p["preemptions"],
                 ]
             )
+        if "bounds" in res:
+            b = res["bounds"]
+            rows += [
+                [
+                    key,
+                    "(lower bound: KV / C)",
+                    b["lower_peak"],
+                    fmt(b["lower_mean"]),
+                    "–",
+                    "–",
+                    "–",
+                ],
+                [
+                    key,
+                    "(oracle: re-pack each epoch)",
+                    b["repacked_peak"],
+                    fmt(b["repacked_mean"]),
+                    "–",
+                    "–",
+                    "–",
+                ],
+            ]
     headers = [
         "setup / workload",
         "packer",
@@ -132,6 +160,36 @@ WHY = """\
 """
 
 
+def room_to_gain(data: dict[str, Any]) -> str:
+    """How far below best-fit any packer could go on each GPU's heaviest timeline."""
+    heaviest: dict[str, tuple[str, dict[str, Any]]] = {}
+    for key, res in data["results"].items():
+        gpu = key.split("/")[1]
+        bf = res["packers"]["best-fit"]["peak_active"]
+        if "bounds" in res and (
+            gpu not in heaviest or bf > heaviest[gpu][1]["packers"]["best-fit"]["peak_active"]
+        ):
+            heaviest[gpu] = (key, res)
+    if not heaviest:
+        return ""
+    lines = [
+        "* **Room to gain.** The running KV of a timeline, split across GPUs at will, needs"
+        " ceil(KV / C) GPUs at each epoch: no packer can peak lower. On each GPU's heaviest"
+        " timeline:"
+    ]
+    for key, res in heaviest.values():
+        bf = res["packers"]["best-fit"]["peak_active"]
+        b = res["bounds"]
+        mell = res["packers"]["mell"]["peak_active"]
+        lines.append(
+            f"  - {key}: best-fit peaks at {bf} GPUs, MELL at {mell}, the bound at"
+            f" {b['lower_peak']} (an oracle re-packing every request each epoch:"
+            f" {b['repacked_peak']}), so no packer could need more than"
+            f" {res['bound_fewer_gpus_than_best_fit']:.0%} fewer GPUs than best-fit here."
+        )
+    return "\n".join(lines) + "\n"
+
+
 def markdown(data: dict[str, Any], options: Options) -> str:
     plan = data["plan"]
     parts = [
@@ -163,7 +221,7 @@ def markdown(data: dict[str, Any], options: Options) -> str:
         "",
         timeline_table(data),
         "",
-        WHY,
+        WHY + room_to_gain(data),
     ]
     return "\n".join(parts)
 
