@@ -63,17 +63,23 @@ def test_device_runs_after_two_holes_are_reused(tiny_source, reference, budget):
     assert out.cached_tokens_by_tier["device"] == held  # the first run alone would be 32
 
 
+def _host_run_between_holes(llm: LLM, prompt: list[int]) -> dict[int, object]:
+    """After the first turn: runs [0, 1] and [7, 8] on the device, [3, 5] only on host,
+    holes [2] and [6]. Returns the first turn's blocks by index."""
+    assert _second_prompt(llm) == prompt
+    blocks = _blocks_by_index(llm)
+    llm.engine.core.tiers.offload_now([blocks[i] for i in (3, 4, 5)])
+    for i in (2, 3, 4, 5, 6):
+        llm.engine.scheduler.kv.pool.drop(blocks[i])
+    assert all(blocks[i].block_hash is None for i in (3, 4, 5))
+    return blocks
+
+
 def test_a_host_run_after_a_hole_is_fetched_and_reused(tiny_source, reference):
     prompt, expected = reference
     with LLM(source=tiny_source, num_kv_blocks=64, host_num_blocks=64) as llm:
-        assert _second_prompt(llm) == prompt
-        blocks = _blocks_by_index(llm)
-        pool = llm.engine.scheduler.kv.pool
+        _host_run_between_holes(llm, prompt)
         tiers = llm.engine.core.tiers
-        tiers.offload_now([blocks[i] for i in (3, 4, 5)])  # run [3, 5] only on host
-        for i in (2, 3, 4, 5, 6):  # holes: [2] and [6]
-            pool.drop(blocks[i])
-        assert all(blocks[i].block_hash is None for i in (3, 4, 5))
         fetched = tiers.stats.fetched_blocks["host"]
         (out,) = llm.generate([prompt], GREEDY)
         assert tiers.stats.fetched_blocks["host"] - fetched == 3
@@ -88,13 +94,8 @@ def test_a_hint_moves_and_pins_the_runs_after_a_hole(tiny_source, reference):
     pins the device runs, so the turn finds all of them on the device."""
     prompt, expected = reference
     with LLM(source=tiny_source, num_kv_blocks=64, host_num_blocks=64) as llm:
-        assert _second_prompt(llm) == prompt
-        blocks = _blocks_by_index(llm)
-        pool = llm.engine.scheduler.kv.pool
+        blocks = _host_run_between_holes(llm, prompt)
         tiers = llm.engine.core.tiers
-        tiers.offload_now([blocks[i] for i in (3, 4, 5)])
-        for i in (2, 3, 4, 5, 6):  # runs: [0, 1] and [7, 8] on device, [3, 5] on host
-            pool.drop(blocks[i])
         found = llm.engine.hint("s", prompt, expected_arrival_s=5.0)
         assert (found["device"], found["host"]) == (4, 3)
         assert all(blocks[i].pin_until > 0 for i in (0, 1, 7, 8))
