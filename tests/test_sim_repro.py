@@ -160,10 +160,18 @@ def test_symphony_tiny(options):
     sim.run()
     direct = window_stats(sim.client.records, *window)["e2e_s"]["mean"]
     assert res["runs"]["symphony"]["4"]["window"]["e2e_s"]["mean"] == direct > 0
+    # The compute-free ceiling runs round-robin on the same traces with free compute: at the
+    # smallest count it is no slower than round-robin itself.
+    oracle = res["compute_free_oracle"]
+    assert oracle["gpu_params"] == list(plan.oracle_gpu_params)
+    rr_first = res["runs"]["round-robin"]["2"]["window"]["e2e_s"]["mean"]
+    assert 0 < oracle["e2e_s_mean"]["2"] <= rr_first
+    assert oracle["served_users"]["users"] >= res["served_users"]["round-robin"]["users"]
     paths = write_report(report, options.out_dir)
     assert [p.suffix for p in paths] == [".json", ".md", ".png"]
     text = paths[1].read_text()
     assert "Paper vs ours" in text and "Why ours differs" in text
+    assert "The ceiling of what avoiding prefill can buy" in text
     assert json.loads(paths[0].read_text())["reproduction"] == "symphony"
     summary = write_summary(options.out_dir).read_text()
     assert "| symphony |" in summary and "mell" not in summary  # only what was written

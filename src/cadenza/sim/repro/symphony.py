@@ -77,6 +77,11 @@ class Plan:
     robustness: bool = True
     conversations: int | None = None  # how many to read (None: all the source has)
     sample_s: float = 1.0  # imbalance time series step
+    # The ceiling of what avoiding prefill can buy: round-robin on GPUs whose compute is free
+    # (every prefill, recomputed or not, costs only its memory reads; decode steps, bound by
+    # memory, are unchanged).
+    oracle: bool = True
+    oracle_gpu_params: tuple[str, ...] = ("matmul_efficiency=1e6", "attention_efficiency=1e6")
 
 
 def plan_for(options: Options) -> Plan:
@@ -189,6 +194,11 @@ def sweep(plan: Plan, options: Options, gpu: str, arrival: str, convs, offsets) 
             users, capped = log_crossing(points, bound / plan.bound_factor * factor)
             looser.setdefault(f"{factor:g}", {})[policy] = {"users": users, "at_least": capped}
     base = served[plan.policies[0]]["users"]
+    oracle = (
+        compute_free_oracle(plan, options, gpu, arrival, traces, bound) if plan.oracle else None
+    )
+    if oracle is not None:
+        oracle["vs_round_robin"] = ratio(oracle["served_users"]["users"], base)
     return {
         "mean_session_span_s": mean_span_s(convs, ChatLoad(1, 0.0, plan.think_scale)),
         "bound_e2e_s": bound,
@@ -198,6 +208,30 @@ def sweep(plan: Plan, options: Options, gpu: str, arrival: str, convs, offsets) 
         "served_users_looser_bounds": looser,
         "e2e_at_fixed_users": fixed_latency(runs, plan),
         "imbalance_at_max_users": series,
+        "compute_free_oracle": oracle,
+    }
+
+
+def compute_free_oracle(
+    plan: Plan, options: Options, gpu: str, arrival: str, traces: dict[int, Any], bound: float
+) -> dict[str, Any]:
+    """Users served within ``bound`` by round-robin on GPUs with free compute, over the same
+    traces: about the most any policy whose gain is prefill avoided (cached, migrated or
+    prefetched KV) could serve here. Stops at the first count past the bound."""
+    cfg = config(plan, gpu, "round-robin", options.seed)
+    cfg = dataclasses.replace(cfg, gpu_params=plan.oracle_gpu_params)
+    e2e: dict[str, float] = {}
+    for users in sorted(traces):
+        turns, _, window = traces[users]
+        run = run_sim(cfg, turns, options, f"{gpu}/{arrival}/compute-free@{users}")
+        e2e[str(users)] = window_stats(run.records, *window)["e2e_s"]["mean"]
+        if e2e[str(users)] > bound:
+            break
+    users, capped = log_crossing([(float(u), v) for u, v in e2e.items()], bound)
+    return {
+        "gpu_params": list(plan.oracle_gpu_params),
+        "e2e_s_mean": e2e,
+        "served_users": {"users": users, "at_least": capped},
     }
 
 
