@@ -118,3 +118,28 @@ def test_missing_trace_is_an_error_that_says_what_to_do(capsys):
 
     assert main(["simulate"]) == 2
     assert "--trace" in capsys.readouterr().err
+
+
+def test_bad_settings_are_errors_that_say_what_to_fix(tmp_path, capsys):
+    """Each bad setting stops the run before it starts, with the setting and what it needs
+    (not a traceback, not a silently ignored flag)."""
+    from cadenza.cli import main
+
+    trace = tmp_path / "t.jsonl"
+    tiny_trace(trace)
+    cases = [
+        (["--block-size", "0"], "block_size must be positive"),
+        (["--num-blocks", "-1"], "num_blocks must be positive"),
+        (["--network-gbps", "0"], "network_gbps must be positive"),
+        (["--network-latency-s", "-1"], "network_latency_s must not be negative"),
+        (["--retention-ttl-s", "-5"], "retention_ttl_s must not be negative"),
+        (["--gpu", "H100"], "add --cost-model gpu"),
+        (["--gpu-param", "matmul_efficiency=0.5"], "--cost-model gpu"),
+        (["--cost-model", "gpu", "--gpu-param", "matmul_efficiency=x"], "wants a number"),
+    ]
+    for flags, message in cases:
+        out = tmp_path / "m.json"
+        assert main(["simulate", "--trace", str(trace), "--out", str(out), *flags]) == 2, flags
+        err = capsys.readouterr().err
+        assert err.startswith("cadenza simulate: ") and message in err, (flags, err)
+        assert not out.exists(), flags

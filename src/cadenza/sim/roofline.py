@@ -44,7 +44,14 @@ class RooflineParams:
                 raise ValueError(
                     f"--gpu-param wants NAME=VALUE with NAME one of {', '.join(names)}"
                 )
-            changes[name] = int(value) if name == "activation_reserve_bytes" else float(value)
+            kind = int if name == "activation_reserve_bytes" else float
+            try:
+                changes[name] = kind(value)
+            except ValueError:
+                raise ValueError(
+                    f"--gpu-param {name} wants {'an integer' if kind is int else 'a number'};"
+                    f" got {value.strip()!r}"
+                ) from None
         return replace(self, **changes)  # type: ignore[arg-type]
 
 

@@ -59,6 +59,28 @@ class SimConfig:
             raise ValueError(f"cost model must be one of {', '.join(COST_MODELS)}")
         if self.host_gib < 0 or self.disk_gib < 0:
             raise ValueError("host_gib and disk_gib must not be negative")
+        if self.block_size <= 0:
+            raise ValueError(f"block_size must be positive; got {self.block_size}")
+        if self.num_blocks is not None and self.num_blocks <= 0:
+            raise ValueError(
+                f"num_blocks must be positive (or left out: what memory holds); got"
+                f" {self.num_blocks}"
+            )
+        if self.cost_model == "cpu" and self.kv_cache_gib <= 0:
+            raise ValueError(f"kv_cache_gib must be positive; got {self.kv_cache_gib}")
+        if self.network_gbps is not None and self.network_gbps <= 0:
+            raise ValueError(f"network_gbps must be positive; got {self.network_gbps}")
+        if self.network_latency_s is not None and self.network_latency_s < 0:
+            raise ValueError(
+                f"network_latency_s must not be negative; got {self.network_latency_s}"
+            )
+        if self.retention_ttl_s < 0:
+            raise ValueError(f"retention_ttl_s must not be negative; got {self.retention_ttl_s}")
+        if self.gpu_params and self.cost_model != "gpu":
+            raise ValueError(
+                "gpu_params (--gpu-param) tune the GPU roofline: use them with the gpu cost"
+                " model (--cost-model gpu)"
+            )
 
     @property
     def model_name(self) -> str:

@@ -43,7 +43,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=d.cost_model,
         help="cpu: this engine on this machine (calibrated); gpu: a roofline of --model on --gpu",
     )
-    parser.add_argument("--gpu", choices=list(GPUS), default=d.gpu, help="GPU of each worker")
+    parser.add_argument(
+        "--gpu",
+        choices=list(GPUS),
+        default=None,
+        help=f"GPU of each worker, with --cost-model gpu (default: {d.gpu})",
+    )
     parser.add_argument(
         "--model",
         choices=list(MODELS),
@@ -112,6 +117,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _config(args: argparse.Namespace) -> SimConfig:
+    if args.gpu is not None and args.cost_model != "gpu":
+        raise ValueError(
+            f"--gpu {args.gpu} prices steps on a GPU: add --cost-model gpu (the default cost"
+            f" model, cpu, is this engine on this machine)"
+        )
     calibration = args.calibration
     if calibration is None and args.cost_model == "cpu" and default_calibration_path().exists():
         calibration = str(default_calibration_path())
@@ -119,7 +129,7 @@ def _config(args: argparse.Namespace) -> SimConfig:
         workers=args.workers,
         routing=args.routing,
         cost_model=args.cost_model,
-        gpu=args.gpu,
+        gpu=args.gpu or SimConfig.gpu,
         model=args.model,
         seed=args.seed,
         block_size=args.block_size,
