@@ -148,6 +148,33 @@ def test_session_header_continues_with_only_new_messages(server, client):
     assert httpx.post(server.base_url + "/v1/sessions/nope/hint", json={}).status_code == 404
 
 
+def test_session_ids_that_could_not_be_addressed_again_are_refused(server, client):
+    """A session id is addressed later as /v1/sessions/{id}: one with '/' (or a control
+    character, or over 256 characters) is a 400, as is a header and a body field naming two
+    different sessions; nothing is started for them, and an agreeing pair works."""
+    url = server.base_url + "/v1/chat/completions"
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "max_tokens": 1}
+    cases = [
+        ({"X-Session-Id": "a/b"}, {}, "may not contain '/'"),
+        ({}, {"session_id": "a/b"}, "may not contain '/'"),
+        ({"X-Session-Id": "tab\there"}, {}, "control characters"),
+        ({"X-Session-Id": "s" * 257}, {}, "1 to 256 characters"),
+        ({"X-Session-Id": "s-one"}, {"session_id": "s-two"}, "different sessions"),
+    ]
+    for headers, extra, message in cases:
+        r = httpx.post(url, json={**body, **extra}, headers=headers)
+        assert r.status_code == 400, (headers, extra, r.text)
+        error = r.json()["error"]
+        assert message in error["message"] and error["param"] == "session_id"
+    for sid in ("a/b", "s-one", "s-two"):
+        assert httpx.get(server.base_url + "/v1/sessions/" + sid).status_code == 404
+    same = httpx.post(
+        url, json={**body, "session_id": "s-same"}, headers={"X-Session-Id": "s-same"}
+    )
+    assert same.status_code == 200, same.text
+    assert httpx.get(server.base_url + "/v1/sessions/s-same").status_code == 200
+
+
 def test_bad_requests_get_clear_4xx(server, client):
     with pytest.raises(openai.NotFoundError, match="does not exist"):
         client.chat.completions.create(model="gpt-9", messages=[{"role": "user", "content": "x"}])
@@ -170,6 +197,17 @@ def test_bad_requests_get_clear_4xx(server, client):
     )
     assert wrong_type.status_code == 400
     assert "messages" in wrong_type.json()["error"]["message"]
+    # A field that takes several forms says which, once (not one error per form).
+    mixed = httpx.post(
+        server.base_url + "/v1/completions",
+        json={"model": MODEL, "prompt": ["hello", [1, 2, 3], 5]},
+    )
+    assert mixed.status_code == 400 and mixed.json()["error"]["param"] == "prompt"
+    assert "prompt: must be one of the forms str, list[int], list[str]" in mixed.text
+    with pytest.raises(openai.BadRequestError, match="top_logprobs needs logprobs: true"):
+        client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "x"}], top_logprobs=2
+        )
     # ...and it still serves.
     ok = client.chat.completions.create(
         model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=2

@@ -149,3 +149,30 @@ def test_invalid_schema_is_a_400_naming_the_field(client):
             tools=[{"type": "function", "function": {"name": "f"}}],
             tool_choice={"type": "function", "function": {"name": "g"}},
         )
+
+
+def test_a_tool_with_an_unusable_parameters_schema_is_a_400_naming_it(client):
+    """A forced call is generated under the tool's schema, so a schema that cannot compile
+    is refused up front (not a 200 with an empty reply), on both APIs, with or without a
+    forced call."""
+    bad = {"type": "objekt"}
+    tools = [
+        {"type": "function", "function": {"name": "ok", "parameters": {"type": "object"}}},
+        {"type": "function", "function": {"name": "f", "parameters": bad}},
+    ]
+    for choice in ("required", "auto"):
+        with pytest.raises(openai.BadRequestError, match="Invalid type: objekt") as info:
+            client.chat.completions.create(
+                model="tiny-chat",
+                messages=[{"role": "user", "content": "x"}],
+                tools=tools,
+                tool_choice=choice,
+            )
+        assert "tools[1].parameters" in str(info.value)
+    with pytest.raises(openai.BadRequestError, match=r"tools\[0\].parameters"):
+        client.responses.create(
+            model="tiny-chat",
+            input="x",
+            tools=[{"type": "function", "name": "f", "parameters": bad}],
+            tool_choice="required",
+        )

@@ -4,6 +4,7 @@ HTTP status, so SDKs raise their usual exception classes and the message says wh
 from __future__ import annotations
 
 import logging
+import re
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -77,21 +78,40 @@ def error_response(
     return JSONResponse(body, status_code=status, headers=headers)
 
 
+# How pydantic names a union's member in an error's location: a type such as ``str``,
+# ``list[int]`` or ``dict[str,any]``, or a model's class name.
+_UNION_MEMBER = re.compile(r"^(str|int|float|bool|none|list\[.*\]|dict\[.*\]|[A-Z][A-Za-z0-9]*)$")
+
+
 def _describe_validation(errors: list[Any]) -> tuple[str, str | None]:
     if errors and errors[0].get("type") == "json_invalid":  # loc is (body, character offset)
         loc = errors[0].get("loc", ())
         where = f" at character {loc[-1]}" if loc and isinstance(loc[-1], int) else ""
         reason = (errors[0].get("ctx") or {}).get("error", "malformed")
         return f"request body is not valid JSON: {reason}{where}", None
-    parts = []
+    parts: list[str] = []
     param = None
-    for err in errors[:5]:
+    unions: dict[str, list[str]] = {}  # a union field's path: the forms it accepts
+    for err in errors:
         loc = [str(p) for p in err.get("loc", ()) if p not in ("body",)]
-        where = ".".join(loc) or "body"
+        tag = next((i for i, p in enumerate(loc) if _UNION_MEMBER.match(p)), None)
+        if tag is not None:
+            # One error per member of a union: say which forms the field takes instead.
+            where = ".".join(loc[:tag]) or "body"
+            if where not in unions:
+                unions[where] = []
+                parts.append(where)
+            if loc[tag] not in unions[where]:
+                unions[where].append(loc[tag])
+        else:
+            where = ".".join(loc) or "body"
+            parts.append(f"{where}: {err.get('msg', 'invalid')}")
         param = param or where
-        parts.append(f"{where}: {err.get('msg', 'invalid')}")
-    more = f" (and {len(errors) - 5} more)" if len(errors) > 5 else ""
-    return "invalid request: " + "; ".join(parts) + more, param
+    parts = [
+        f"{p}: must be one of the forms {', '.join(unions[p])}" if p in unions else p for p in parts
+    ]
+    more = f" (and {len(parts) - 5} more)" if len(parts) > 5 else ""
+    return "invalid request: " + "; ".join(parts[:5]) + more, param
 
 
 def install_error_handlers(app: FastAPI) -> None:

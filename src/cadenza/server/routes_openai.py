@@ -55,6 +55,40 @@ async def list_models(request: Request, _: str = Depends(tenant_of)) -> dict[str
     return {"object": "list", "data": data}
 
 
+MAX_SESSION_ID_CHARS = 256
+
+
+def session_id_of(request: Request, field: str | None) -> str | None:
+    """The turn's session: the ``X-Session-Id`` header or the body's ``session_id`` (both
+    only if they agree). A session id must be usable in ``/v1/sessions/{id}`` afterwards, so
+    it has no '/' and no control character."""
+    header = request.headers.get("x-session-id")
+    if header is not None and field is not None and header != field:
+        raise APIError(
+            400,
+            f"the X-Session-Id header ({header!r}) and the session_id field ({field!r}) name"
+            " different sessions; send one of them",
+            param="session_id",
+        )
+    session_id = header if header is not None else field
+    if session_id is None:
+        return None
+    if not 1 <= len(session_id) <= MAX_SESSION_ID_CHARS:
+        raise APIError(
+            400,
+            f"a session id has 1 to {MAX_SESSION_ID_CHARS} characters; got {len(session_id)}",
+            param="session_id",
+        )
+    if "/" in session_id or any(ord(c) < 32 or ord(c) == 127 for c in session_id):
+        raise APIError(
+            400,
+            "a session id may not contain '/' or control characters: it is addressed as"
+            " /v1/sessions/{id}",
+            param="session_id",
+        )
+    return session_id
+
+
 def chat_request(
     state: ServerState,
     body: ChatCompletionRequest,
@@ -102,7 +136,7 @@ async def chat_completions(
     tools = tool_context(state, body.tools, body.tool_choice, body.parallel_tool_calls)
     spec = chat_response_format(body.response_format)
     params = constrained(body.to_sampling_params(), tools, spec)
-    session_id = request.headers.get("x-session-id") or body.session_id
+    session_id = session_id_of(request, body.session_id)
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
     engine_request = chat_request(state, body, params, session_id, tenant, request_id, tools)
     first, stream = await start_stream(state, engine_request, request)
