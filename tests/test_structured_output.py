@@ -43,6 +43,11 @@ def test_invalid_schemas_say_what_to_fix():
     StructuredOutput("json_object").check()
     with pytest.raises(ValueError):
         SamplingParams(structured_output="json")  # type: ignore[arg-type]
+    # The offline API refuses a grammar that cannot compile (it would end the request at once).
+    with pytest.raises(ValueError, match="structured_output is not usable: Invalid type"):
+        SamplingParams(structured_output=StructuredOutput.json_schema({"type": "objekt"}))
+    with pytest.raises(ValueError, match="structured_output is not usable"):
+        SamplingParams(structured_output=StructuredOutput.lark("start: undefined_rule"))
 
 
 def test_sampler_bitmask_restricts_only_the_masked_rows():

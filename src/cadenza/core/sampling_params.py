@@ -69,6 +69,12 @@ class SamplingParams:
         spec = self.structured_output
         if spec is not None and not isinstance(spec, StructuredOutput):
             raise _bad("structured_output", spec, "a StructuredOutput or None")
+        if spec is not None:
+            # A grammar that cannot compile would end the request at once, with no error.
+            try:
+                spec.check()
+            except ValueError as exc:
+                raise ValueError(f"structured_output is not usable: {exc}") from None
 
     def _validate_counts(self) -> None:
         _check_int("n", self.n, "1 (only n=1 is supported)")
