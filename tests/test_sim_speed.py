@@ -40,12 +40,13 @@ def _fuzz(seed: int, kind: str, max_batch: int = 6) -> None:
         r = rng.random()
         if r < 0.4:  # a batch let go together (one last-access time)
             last = rng.choice([now[0], now[0] - rng.random(), float(int(now[0]) - 2)])
+            shared_pin = now[0] + 3 * rng.random()  # a request's blocks share one pin time
             batch = [
                 Entry(
                     rng.randrange(0, 9000, 16),
                     rng.choice([16, 16, 5]),
                     last,
-                    rng.choice([0.0, 0.0, now[0] + 3 * rng.random(), now[0] - 1]),
+                    rng.choice([0.0, 0.0, shared_pin, now[0] + 3 * rng.random(), now[0] - 1]),
                 )
                 for _ in range(rng.randint(1, max_batch))
             ]

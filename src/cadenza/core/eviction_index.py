@@ -345,7 +345,7 @@ class EvictionIndex(Generic[E]):
             value = items[i][0] / idle if cost_aware else heads[0][0]
             heapq.heapreplace(heads, (value, items[i][1], i, items, idle))
         if len(out) < n:
-            out.extend(self._pinned(now)[: n - len(out)])
+            out.extend(self._pinned(now, n - len(out)))
         return out
 
     def _head(self, group: _Group) -> tuple[int, list[_Item]]:
@@ -426,13 +426,32 @@ class EvictionIndex(Generic[E]):
             return end
         return i
 
-    def _pinned(self, now: float) -> list[E]:
-        """Candidates still pinned at ``now``, in the policy's order."""
+    def _pinned(self, now: float, n: int) -> list[E]:
+        """The first ``n`` candidates still pinned at ``now``, in the policy's order.
+
+        Both policies rank by ``(pinned, -pin_until, value)``, then queue order. The first two
+        need no cost model, so the entries are put in that order first and the value is
+        computed only within the pin times that ``n`` reaches (a request's blocks share one pin
+        time): under pressure from pins this ran the policy's value over every pinned entry
+        on each eviction."""
         policy, live = self.policy, self._live
-        ranked = [
-            (policy.key(item[2], now), item[1], item[2])
-            for _, _, item in self._pins
-            if live.get(item[2]) is item
-        ]
+        ranked = []
+        for _, _, item in self._pins:
+            entry = item[2]
+            if live.get(entry) is item:
+                pinned = entry.pin_until > now
+                ranked.append((pinned, -entry.pin_until if pinned else 0.0, item[1], entry))
         ranked.sort(key=lambda t: (t[0], t[1]))
-        return [entry for _, _, entry in ranked]
+        out: list[E] = []
+        i, end = 0, len(ranked)
+        while i < end and len(out) < n:
+            j = i + 1
+            while j < end and ranked[j][:2] == ranked[i][:2]:
+                j += 1
+            tied = sorted(
+                ((policy.key(t[3], now)[2], t[2], t[3]) for t in ranked[i:j]),
+                key=lambda t: (t[0], t[1]),
+            )
+            out.extend(entry for _, _, entry in tied[: n - len(out)])
+            i = j
+        return out
