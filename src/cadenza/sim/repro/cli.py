@@ -38,7 +38,11 @@ def add_reproduce_parser(sub: Any) -> None:
     """Register ``reproduce`` on ``cadenza simulate``'s subcommands."""
     p = sub.add_parser("reproduce", help="reproduce a paper's results on the simulator")
     p.add_argument("name", choices=NAMES, help="which reproduction")
-    p.add_argument("--quick", action="store_true", help="a smoke run of about a minute")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="a smoke run (under a minute to a few minutes, by reproduction)",
+    )
     p.add_argument(
         "--scale", type=float, default=1.0, help="virtual duration relative to the full run"
     )
