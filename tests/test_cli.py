@@ -44,3 +44,15 @@ def test_bad_model_path_is_a_clear_error():
     done = run_cli("generate", "hi", "--model", "/nonexistent/model.gguf")
     assert done.returncode != 0
     assert "gguf" in done.stderr.lower() or "model" in done.stderr.lower()
+
+
+def test_a_missing_or_corrupt_model_file_is_named_in_the_error(tmp_path):
+    from cadenza.model.source import load_model_source
+
+    missing = tmp_path / "none.gguf"
+    with pytest.raises(ValueError, match="no such file or directory"):
+        load_model_source(str(missing))
+    junk = tmp_path / "junk.gguf"
+    junk.write_bytes(b"not a gguf file at all" * 10)
+    with pytest.raises(ValueError, match=r"junk\.gguf.*not a usable GGUF file"):
+        load_model_source(str(junk))

@@ -113,6 +113,31 @@ def test_serve_keeps_its_tier_defaults(tmp_path: Path):
     assert config.scheduler == SchedulerConfig()
 
 
+def test_serve_help_states_the_data_dir_defaults(capsys):
+    """`cadenza serve` puts the store, the disk tier and the profiles under --data-dir, and
+    its --help says so (the engine knobs' own help describes the offline defaults)."""
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for default in ("<data-dir>/store.sqlite", "<data-dir>/kv", "<data-dir>/profiles"):
+        assert default in text
+    assert "kept in memory" not in text
+
+
+def test_bad_dtype_and_device_fail_before_any_model_loads():
+    from cadenza.runner.model_runner import resolve_device
+
+    with pytest.raises(ValueError, match="dtype must be one of auto"):
+        EngineConfig(dtype="int8")
+    with pytest.raises(ValueError, match="device must be auto, cpu, cuda or cuda:N"):
+        resolve_device("tpu")
+    import torch
+
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="use device='cpu'"):
+            resolve_device("cuda")
+
+
 def test_flags_build_the_config():
     args = parse(
         "generate",

@@ -105,5 +105,19 @@ def test_stop_strings_logprobs_and_bad_input(smollm2_source):
         llm.generate([[5] * 9000], SamplingParams(max_tokens=4))
     with pytest.raises(ValueError, match="token ids"):
         llm.generate([[5, 10**9]], SamplingParams(max_tokens=4))
+    # Bad input of the wrong kind says what to pass (not a float cut to an int, not a
+    # TypeError from deep inside).
+    with pytest.raises(ValueError, match="must be integers; got \\[2.7\\]"):
+        llm.generate({"prompt_token_ids": [1, 2.7]}, SamplingParams(max_tokens=2))
+    with pytest.raises(ValueError, match="stop_token_ids must be in"):
+        llm.generate("Hello", SamplingParams(max_tokens=2, stop_token_ids=[10**7]))
+    with pytest.raises(ValueError, match="not valid Unicode"):
+        llm.generate("hi \ud800", SamplingParams(max_tokens=2))
+    with pytest.raises(TypeError, match="must be a SamplingParams"):
+        llm.generate("Hello", {"max_tokens": 4})  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="prompts must be text"):
+        llm.generate(5)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="a prompt is text or a list of token ids"):
+        llm.generate([5, "Hello"])  # type: ignore[list-item]
     # The engine keeps serving after rejecting bad input.
     assert llm.generate("Hello", SamplingParams(max_tokens=3))[0].outputs[0].token_ids

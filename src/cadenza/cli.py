@@ -18,14 +18,25 @@ if TYPE_CHECKING:
 def _add_sampling_args(parser: argparse.ArgumentParser) -> None:
     sampling = parser.add_argument_group("sampling")
     sampling.add_argument(
-        "--max-tokens", type=int, default=256, help="most tokens to generate per reply"
+        "--max-tokens",
+        type=int,
+        default=256,
+        help="most tokens to generate per reply (default: %(default)s)",
     )
     sampling.add_argument(
-        "--temperature", type=float, default=0.0, help="sampling temperature (0: greedy)"
+        "--temperature",
+        type=float,
+        default=0.0,
+        help="sampling temperature (0: greedy; default: %(default)s)",
     )
-    sampling.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1: off)")
     sampling.add_argument(
-        "--top-k", type=int, default=0, help="sample from the k likeliest tokens (0: off)"
+        "--top-p", type=float, default=1.0, help="nucleus sampling mass (1: off; default: 1.0)"
+    )
+    sampling.add_argument(
+        "--top-k",
+        type=int,
+        default=0,
+        help="sample from the k likeliest tokens (0: off; default: 0)",
     )
     sampling.add_argument("--seed", type=int, default=None, help="sampling seed (unset: random)")
 
@@ -114,7 +125,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling_args(gen)
     gen.set_defaults(func=cmd_generate)
 
-    chat = sub.add_parser("chat", help="interactive terminal chat")
+    chat = sub.add_parser(
+        "chat",
+        help="interactive terminal chat",
+        description="Interactive terminal chat: type a message and press Enter; an empty line"
+        " or Ctrl-D ends the chat.",
+    )
     chat.add_argument("--offline", action="store_true", help="run the engine in this process")
     chat.add_argument("--system", default=None, help="system prompt")
     chat.add_argument(
@@ -138,8 +154,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     serve = sub.add_parser("serve", help="the OpenAI-compatible stateful server")
-    add_engine_arguments(serve)
+    from cadenza.server.serve import SERVE_HELP_OVERRIDES
     from cadenza.server.serve import add_arguments as add_serve_args
+
+    add_engine_arguments(serve, SERVE_HELP_OVERRIDES)
     from cadenza.server.serve import run as run_server
 
     add_serve_args(serve)

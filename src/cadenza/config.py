@@ -236,6 +236,12 @@ class EngineConfig:
         "profiling (unset: $XDG_CACHE_HOME/cadenza or ~/.cache/cadenza; 'none' disables)",
     )
 
+    def __post_init__(self) -> None:
+        # Checked here, before a model loads (the runner resolves it only after loading).
+        dtypes = ("auto", "float32", "bfloat16", "float16")
+        if self.dtype not in dtypes:
+            raise ValueError(f"dtype must be one of {', '.join(dtypes)}; got {self.dtype!r}")
+
     @classmethod
     def from_options(cls, **options: Any) -> EngineConfig:
         """The config from flat options (``LLM(...)`` keywords): each knob by its option name,

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import types
 import typing
+from collections.abc import Mapping
 from typing import Any, Literal
 
 from cadenza.config import CHOICES, FLAG, EngineConfig, Knob, engine_knobs
@@ -45,11 +46,11 @@ def _scalar_type(hint: Any) -> tuple[type, tuple[Any, ...] | None]:
     raise TypeError(f"a knob of type {hint!r} cannot be a CLI flag")
 
 
-def _add(group: argparse._ArgumentGroup, knob: Knob, flag: str) -> None:
+def _add(group: argparse._ArgumentGroup, knob: Knob, flag: str, help_text: str) -> None:
     hint = typing.get_type_hints(knob.owner)[knob.name]
     kind, choices = _scalar_type(hint)
     choices = knob.field.metadata.get(CHOICES, choices)
-    help_text = knob.help.replace("%", "%%")
+    help_text = help_text.replace("%", "%%")
     if kind is bool:
         if knob.default:
             action, help_text = "store_false", f"turn off: {help_text}"
@@ -72,8 +73,13 @@ def _add(group: argparse._ArgumentGroup, knob: Knob, flag: str) -> None:
     )
 
 
-def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add a flag for every engine knob, in argument groups by config section."""
+def add_engine_arguments(
+    parser: argparse.ArgumentParser, help_overrides: Mapping[str, str] | None = None
+) -> None:
+    """Add a flag for every engine knob, in argument groups by config section;
+    ``help_overrides`` (by flag) replace a knob's help where a command defaults it otherwise
+    (``cadenza serve`` puts the store and the profiles under ``--data-dir``)."""
+    overrides = dict(help_overrides or {})
     groups: dict[str | None, argparse._ArgumentGroup] = {}
     for knob in engine_knobs():
         flag = knob_flag(knob)
@@ -82,7 +88,9 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
         if knob.section not in groups:
             title = _GROUP_TITLES.get(knob.section, str(knob.section))
             groups[knob.section] = parser.add_argument_group(title)
-        _add(groups[knob.section], knob, flag)
+        _add(groups[knob.section], knob, flag, overrides.pop(flag, knob.help))
+    if overrides:
+        raise ValueError(f"no engine flag {', '.join(sorted(overrides))}")
 
 
 def engine_options_from_args(args: argparse.Namespace, **overrides: Any) -> dict[str, Any]:

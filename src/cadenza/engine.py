@@ -231,8 +231,18 @@ class LLMEngine:
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise ValueError("this model has no tokenizer; pass prompt token ids instead")
+            try:
+                prompt.encode("utf-8")
+            except UnicodeEncodeError as exc:  # a lone surrogate
+                raise ValueError(
+                    f"the prompt is not valid Unicode: {exc.reason} at character {exc.start}"
+                ) from None
             return self.tokenizer.encode(prompt, add_special_tokens=True)
-        return [int(t) for t in prompt]
+        if isinstance(prompt, (bytes, bytearray, dict)) or not hasattr(prompt, "__iter__"):
+            raise ValueError(
+                f"a prompt is text or a list of token ids; got {type(prompt).__name__}"
+            )
+        return list(prompt)  # the core checks that they are integer ids in the vocabulary
 
     def abort_request(self, request_id: str, reason: str = "client") -> bool:
         request = self.core.abort_request(request_id, reason)

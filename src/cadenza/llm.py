@@ -250,6 +250,11 @@ def _is_conversation(messages: Any) -> bool:
 def _as_prompt_list(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:
     if isinstance(prompts, (str, dict)):
         return [prompts]
+    if isinstance(prompts, (bytes, bytearray)) or not hasattr(prompts, "__iter__"):
+        raise TypeError(
+            "prompts must be text, a list of token ids, a {'prompt': ...} or"
+            f" {{'prompt_token_ids': [...]}} dict, or a list of those; got {type(prompts).__name__}"
+        )
     prompts = list(prompts)
     if prompts and all(isinstance(t, int) for t in prompts):
         return [prompts]  # one prompt given as token ids
@@ -263,7 +268,15 @@ def _as_params_list(
         return [SamplingParams() for _ in range(count)]
     if isinstance(params, SamplingParams):
         return [params] * count
+    if isinstance(params, (dict, str)) or not hasattr(params, "__iter__"):
+        raise TypeError(
+            "sampling_params must be a SamplingParams (e.g. SamplingParams(max_tokens=32)) or"
+            f" a list of them, one per prompt; got {type(params).__name__}"
+        )
     params = list(params)
+    wrong = [type(p).__name__ for p in params if not isinstance(p, SamplingParams)]
+    if wrong:
+        raise TypeError(f"sampling_params must all be SamplingParams; got {wrong[0]}")
     if len(params) != count:
         raise ValueError(f"got {len(params)} sampling params for {count} prompts")
     return params

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import operator
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -261,8 +262,15 @@ class EngineCore:
         with this engine's fingerprint and ``cache_salt``), which saves computing them again."""
         params = params or SamplingParams()
         request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
-        ids = list(map(int, token_ids))
+        try:
+            ids = list(map(operator.index, token_ids))  # an int, not a float cut to one
+        except TypeError:
+            bad = [t for t in token_ids if not hasattr(t, "__index__")][:5]
+            raise ValueError(f"prompt token ids must be integers; got {bad!r}") from None
         self.validate(ids)
+        stops = [t for t in params.stop_token_ids if not 0 <= t < self.vocab_size]
+        if stops:
+            raise ValueError(f"stop_token_ids must be in [0, {self.vocab_size}); got {stops[:5]}")
         request = self.make_request(request_id, ids, params, cache_salt, block_hashes)
         request.arrival_time = arrival_time if arrival_time is not None else self.clock()
         request.priority = priority

@@ -71,7 +71,12 @@ def _fingerprint(config: ModelConfig, parts: list[str]) -> str:
 
 
 def _load_gguf_source(path: Path) -> ModelSource:
-    config, state_dict, tokenizer = load_gguf(path)
+    try:
+        config, state_dict, tokenizer = load_gguf(path)
+    except (ValueError, KeyError, IndexError) as exc:  # what the gguf reader raises on junk
+        raise ValueError(
+            f"cannot load model {str(path)!r}: not a usable GGUF file ({exc})"
+        ) from None
     return ModelSource(config, state_dict, tokenizer, _fingerprint(config, [file_sha256(path)]))
 
 
@@ -94,6 +99,8 @@ def load_model_source(model: str) -> ModelSource:
         return _load_gguf_source(path)
     if path.is_dir() and (path / "config.json").is_file():
         return _load_hf_source(path)
+    if not path.exists() and (path.suffix or "/" in model):
+        raise ValueError(f"cannot load model {model!r}: no such file or directory")
     raise ValueError(
         f"cannot load model {model!r}: expected the alias {SMOLLM2_ALIAS!r}, a path to a .gguf "
         "file, or a Hugging Face model directory (config.json + *.safetensors + tokenizer.json)"

@@ -20,7 +20,21 @@ from cadenza.structured.matchers import GrammarMatchers
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"device must be auto, cpu, cuda or cuda:N; got {name!r}") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(
+                f"device {name!r} needs a CUDA GPU and a CUDA build of torch; this machine has"
+                " none: use device='cpu' (or 'auto')"
+            )
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(
+                f"device {name!r}: this machine has {torch.cuda.device_count()} CUDA device(s)"
+            )
+    return device
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:

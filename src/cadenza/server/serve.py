@@ -119,6 +119,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.set_defaults(kv_host_gib=2.0, kv_disk_gib=8.0)
 
 
+# What the engine flags default to under `cadenza serve` (see ``engine_config``).
+SERVE_HELP_OVERRIDES = {
+    "--session-store": "SQLite file of the durable conversation store (unset:"
+    " <data-dir>/store.sqlite)",
+    "--kv-disk-path": "directory of the disk KV tier (unset: <data-dir>/kv)",
+    "--profile-cache-dir": "where the measured cost profile is cached per model and machine, so"
+    " later starts skip profiling (unset: <data-dir>/profiles; 'none' disables)",
+}
+
+
 def engine_config(args: argparse.Namespace) -> EngineConfig:
     """The engine config of the flags; the store, the disk KV tier and the cost-profile cache
     default to files under ``--data-dir``."""
