@@ -572,3 +572,77 @@ def test_alias_and_bad_model_strings(monkeypatch, smollm2_path) -> None:
 def test_rope_factors_are_finite() -> None:
     factors = llama3_rope_factors(RopeScaling(), 64, 500000.0)
     assert all(math.isfinite(f) and 1.0 <= f <= 8.0 for f in factors)
+
+
+# -- the fast GGUF reader -----------------------------------------------------------------------
+
+
+def _assert_same_as_gguf_reader(path: Path) -> None:
+    from cadenza.model.gguf_file import GGUFFile
+
+    ours, theirs = GGUFFile(path), gguf.GGUFReader(path)
+    keys = [k for k in theirs.fields if not k.startswith("GGUF.")]  # the reader's header rows
+    assert list(ours.fields) == keys
+    for key in keys:
+        a, b = ours.fields[key].contents(), theirs.fields[key].contents()
+        assert a == b and type(a) is type(b), key
+        if isinstance(a, list) and a:
+            assert type(a[0]) is type(b[0]), key
+    assert [t.name for t in ours.tensors] == [t.name for t in theirs.tensors]
+    for a, b in zip(ours.tensors, theirs.tensors, strict=True):
+        assert a.tensor_type == b.tensor_type and list(a.shape) == list(b.shape), a.name
+        assert a.n_elements == b.n_elements, a.name
+        assert a.data.dtype == b.data.dtype and a.data.shape == b.data.shape, a.name
+        assert np.array_equal(a.data, b.data), a.name
+        assert torch.equal(dequantize_tensor(a), dequantize_tensor(b)), a.name
+
+
+def test_fast_reader_reads_smollm2_as_the_gguf_reader_does(smollm2_path) -> None:
+    _assert_same_as_gguf_reader(smollm2_path)
+
+
+def test_fast_reader_reads_every_value_and_tensor_type_as_the_gguf_reader_does(tmp_path) -> None:
+    rng = np.random.default_rng(0)
+    writer = gguf.GGUFWriter(tmp_path / "all.gguf", "llama")
+    writer.add_uint8("t.u8", 200)
+    writer.add_int8("t.i8", -5)
+    writer.add_uint16("t.u16", 60000)
+    writer.add_int16("t.i16", -300)
+    writer.add_uint32("t.u32", 4_000_000_000)
+    writer.add_int32("t.i32", -70000)
+    writer.add_float32("t.f32", 1e-5)
+    writer.add_uint64("t.u64", 2**60)
+    writer.add_int64("t.i64", -(2**40))
+    writer.add_float64("t.f64", 0.1)
+    writer.add_bool("t.bool", True)
+    writer.add_string("t.str", "héllo ✓")
+    writer.add_array("t.ints", [1, 2, 3])
+    writer.add_array("t.floats", [0.5, 1e-3])
+    writer.add_array("t.strs", ["a", "", "ü b"])
+    writer.add_array("t.empty", [])
+    for i, qtype in enumerate([QType.F32, QType.F16, QType.Q8_0, QType.Q4_1, QType.Q5_0]):
+        data = rng.standard_normal((2, 256)).astype(np.float32)
+        if qtype == QType.F32:
+            writer.add_tensor(f"w{i}", data)
+        elif qtype == QType.F16:
+            writer.add_tensor(f"w{i}", data.astype(np.float16))
+        else:
+            writer.add_tensor(f"w{i}", gguf.quants.quantize(data, qtype), raw_dtype=qtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    _assert_same_as_gguf_reader(tmp_path / "all.gguf")
+
+
+def test_a_big_endian_file_falls_back_to_the_gguf_reader(tmp_path) -> None:
+    from cadenza.model.gguf_file import open_gguf
+
+    writer = gguf.GGUFWriter(tmp_path / "be.gguf", "llama", endianess=gguf.GGUFEndian.BIG)
+    writer.add_uint32("t.u32", 7)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    opened = open_gguf(tmp_path / "be.gguf")
+    assert isinstance(opened, gguf.GGUFReader) and opened.fields["t.u32"].contents() == 7

@@ -22,6 +22,7 @@ from gguf import GGMLQuantizationType, GGUFReader, ReaderTensor
 from gguf.quants import dequantize
 
 from cadenza.config import ModelConfig, RopeScaling
+from cadenza.model.gguf_file import GGUFFile, Tensor, open_gguf
 from cadenza.model.random_init import check_state_dict
 from cadenza.model.tokenizer import Tokenizer
 
@@ -50,7 +51,7 @@ _LAYER_TENSOR = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
 _IGNORED_TENSORS = frozenset({"rope_freqs.weight"})
 
 
-def dequantize_tensor(tensor: ReaderTensor) -> torch.Tensor:
+def dequantize_tensor(tensor: ReaderTensor | Tensor) -> torch.Tensor:
     """A GGUF tensor as a float32 torch tensor in torch dimension order (a fresh copy)."""
     qtype = GGMLQuantizationType(tensor.tensor_type)
     values = dequantize(tensor.data, qtype)
@@ -142,7 +143,7 @@ def _f32(value: float) -> float:
 
 
 class _Metadata:
-    def __init__(self, reader: GGUFReader) -> None:
+    def __init__(self, reader: GGUFFile | GGUFReader) -> None:
         self._fields = reader.fields
 
     def get(self, key: str, default: Any = None) -> Any:
@@ -158,7 +159,7 @@ class _Metadata:
 def _rope_scaling(
     meta: _Metadata,
     arch: str,
-    tensors: dict[str, ReaderTensor],
+    tensors: dict[str, ReaderTensor | Tensor],
     head_dim: int,
     rope_theta: float,
 ) -> RopeScaling | None:
@@ -180,7 +181,7 @@ def _rope_scaling(
 
 
 def _model_config(
-    meta: _Metadata, tensors: dict[str, ReaderTensor], tokenizer: Tokenizer, name: str
+    meta: _Metadata, tensors: dict[str, ReaderTensor | Tensor], tokenizer: Tokenizer, name: str
 ) -> ModelConfig:
     arch = meta.require("general.architecture")
     if arch not in SUPPORTED_ARCHITECTURES:
@@ -228,7 +229,7 @@ def _model_config(
 def load_gguf(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor], Tokenizer]:
     """Read a llama / qwen2 / mistral GGUF: its config, float32 CPU weights and tokenizer."""
     path = Path(path)
-    reader = GGUFReader(path)
+    reader = open_gguf(path)
     meta = _Metadata(reader)
     tensors = {t.name: t for t in reader.tensors}
     tokenizer = Tokenizer.from_gguf(reader)

@@ -11,7 +11,10 @@ from cadenza.config import ModelConfig, RopeScaling
 
 def inverse_frequencies(head_dim: int, theta: float, scaling: RopeScaling | None) -> torch.Tensor:
     """Per-pair rotation frequencies; Llama-3 scaling stretches the low frequencies."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    # On the CPU even under a meta-device model build: math on meta tensors imports
+    # torch._dynamo (seconds of start-up), and the runner rebuilds the tables anyway.
+    pairs = torch.arange(0, head_dim, 2, dtype=torch.int64, device="cpu").float()
+    inv_freq = 1.0 / (theta ** (pairs / head_dim))
     if scaling is None:
         return inv_freq
     if scaling.rope_type != "llama3":
@@ -37,7 +40,8 @@ class RotaryEmbedding(torch.nn.Module):
         inv_freq = inverse_frequencies(
             config.resolved_head_dim, config.rope_theta, config.rope_scaling
         )
-        freqs = torch.arange(max_positions, dtype=torch.float32)[:, None] * inv_freq[None, :]
+        positions = torch.arange(max_positions, dtype=torch.float32, device="cpu")
+        freqs = positions[:, None] * inv_freq[None, :]
         self.register_buffer("cos", freqs.cos(), persistent=False)
         self.register_buffer("sin", freqs.sin(), persistent=False)
 

@@ -29,6 +29,8 @@ from tokenizers import Tokenizer as BackendTokenizer
 if TYPE_CHECKING:
     from gguf import GGUFReader
 
+    from cadenza.model.gguf_file import GGUFFile
+
 # Used when a model ships no chat template of its own.
 CHATML_TEMPLATE = (
     "{% for message in messages %}"
@@ -103,7 +105,7 @@ def _byte_level_pre_tokenizer(pre: str | None) -> pre_tokenizers.PreTokenizer:
     return pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
 
 
-def _gguf_field(reader: GGUFReader, key: str, default: Any = None) -> Any:
+def _gguf_field(reader: GGUFFile | GGUFReader, key: str, default: Any = None) -> Any:
     field = reader.fields.get(key)
     return default if field is None else field.contents()
 
@@ -202,7 +204,7 @@ class Tokenizer:
     # -- construction ---------------------------------------------------------------------------
 
     @classmethod
-    def from_gguf(cls, reader: GGUFReader) -> Tokenizer:
+    def from_gguf(cls, reader: GGUFFile | GGUFReader) -> Tokenizer:
         """Rebuild the byte-level BPE tokenizer described by a GGUF file's metadata."""
         model = _gguf_field(reader, "tokenizer.ggml.model")
         if model != "gpt2":
