@@ -19,26 +19,30 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader
+from gguf import (
+    GGML_QUANT_SIZES,
+    GGUF_DEFAULT_ALIGNMENT,
+    GGUF_MAGIC,
+    GGMLQuantizationType,
+    GGUFReader,
+    GGUFValueType,
+)
 from gguf.quants import quant_shape_to_byte_shape
 
-GGUF_MAGIC = 0x46554747  # b"GGUF", little-endian
-DEFAULT_ALIGNMENT = 32
-
-# GGUF value types: struct format of the scalar ones, numpy dtype for arrays of them.
-_STRING, _ARRAY = 8, 9
+V = GGUFValueType
+# The scalar value types: struct format of one, numpy dtype of an array of them.
 _SCALARS: dict[int, tuple[str, str]] = {
-    0: ("<B", "<u1"),
-    1: ("<b", "<i1"),
-    2: ("<H", "<u2"),
-    3: ("<h", "<i2"),
-    4: ("<I", "<u4"),
-    5: ("<i", "<i4"),
-    6: ("<f", "<f4"),
-    7: ("<?", "?"),
-    10: ("<Q", "<u8"),
-    11: ("<q", "<i8"),
-    12: ("<d", "<f8"),
+    V.UINT8: ("<B", "<u1"),
+    V.INT8: ("<b", "<i1"),
+    V.UINT16: ("<H", "<u2"),
+    V.INT16: ("<h", "<i2"),
+    V.UINT32: ("<I", "<u4"),
+    V.INT32: ("<i", "<i4"),
+    V.FLOAT32: ("<f", "<f4"),
+    V.BOOL: ("<?", "?"),
+    V.UINT64: ("<Q", "<u8"),
+    V.INT64: ("<q", "<i8"),
+    V.FLOAT64: ("<d", "<f8"),
 }
 # Element types whose data is plain numbers (the rest are quantised blocks, read as bytes).
 _PLAIN = {
@@ -92,7 +96,7 @@ class GGUFFile:
             (kind,) = self._unpack("<I")
             self.fields[key] = Field(self._value(kind))
         infos = [self._tensor_info() for _ in range(tensor_count)]
-        alignment = self.fields.get("general.alignment", Field(DEFAULT_ALIGNMENT)).value
+        alignment = self.fields.get("general.alignment", Field(GGUF_DEFAULT_ALIGNMENT)).value
         if not isinstance(alignment, int) or alignment <= 0 or alignment & (alignment - 1):
             raise ValueError(f"invalid GGUF alignment {alignment!r}")
         start = -(-self._offset // alignment) * alignment
@@ -111,14 +115,14 @@ class GGUFFile:
         return self._map[start : start + n].decode("utf-8")
 
     def _value(self, kind: int) -> Any:
-        if kind == _STRING:
+        if kind == V.STRING:
             return self._string()
         if kind in _SCALARS:
             return self._unpack(_SCALARS[kind][0])[0]  # a float32 widens exactly
-        if kind != _ARRAY:
+        if kind != V.ARRAY:
             raise UnsupportedGGUF(f"GGUF value type {kind}")
         item, count = self._unpack("<IQ")
-        if item == _STRING:
+        if item == V.STRING:
             return [self._string() for _ in range(count)]
         if item not in _SCALARS:
             raise UnsupportedGGUF(f"a GGUF array of type {item}")

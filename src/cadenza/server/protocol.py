@@ -15,6 +15,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 from cadenza.core.sampling_params import MAX_LOGPROBS, SamplingParams
 from cadenza.tools.spec import arguments_object
 
+MAX_SESSION_ID_CHARS = 256  # the X-Session-Id header and the session_id field
+
 # OpenAI's default for /v1/completions when max_tokens is absent or null (chat has none).
 DEFAULT_COMPLETION_MAX_TOKENS = 16
 
@@ -102,7 +104,7 @@ class _SamplingFields(_Body):
     stream_options: StreamOptions | None = None
     ignore_eos: bool = False
     user: str | None = None
-    session_id: str | None = Field(None, min_length=1, max_length=256)
+    session_id: str | None = Field(None, min_length=1, max_length=MAX_SESSION_ID_CHARS)
     retention: RetentionBody | None = None
 
     def sampling_params(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:

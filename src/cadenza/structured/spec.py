@@ -54,11 +54,6 @@ class StructuredOutput:
             raise ValueError(error)
 
 
-def schema_error(schema: dict[str, Any] | bool) -> str:
-    """What makes ``schema`` unusable as a JSON-schema grammar, or "" when it compiles."""
-    return _validation_error("json_schema", json.dumps(schema, sort_keys=True))
-
-
 @lru_cache(maxsize=256)
 def _grammar(kind: str, source: str) -> str:
     matcher = llguidance.LLMatcher

@@ -9,7 +9,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from cadenza.structured.spec import schema_error
+from cadenza.structured.spec import StructuredOutput
 
 _NAME = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
 
@@ -61,11 +61,12 @@ def parse_tools(raw: list[Any] | None, param: str = "tools") -> list[Tool]:
             parameters = {"type": "object", "properties": {}}
         if not isinstance(parameters, dict):
             raise ValueError(f"{where}.parameters must be a JSON schema object")
-        error = schema_error(parameters)
-        if error:
+        try:
             # A forced call is generated under this schema: one that cannot compile would end
             # the reply at once, with no call and no error.
-            raise ValueError(f"{where}.parameters is not a usable JSON schema: {error}")
+            StructuredOutput.json_schema(parameters).check()
+        except ValueError as exc:
+            raise ValueError(f"{where}.parameters is not a usable JSON schema: {exc}") from None
         description = body.get("description") or ""
         if not isinstance(description, str):
             raise ValueError(f"{where}.description must be a string")

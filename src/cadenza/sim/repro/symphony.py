@@ -195,10 +195,10 @@ def sweep(plan: Plan, options: Options, gpu: str, arrival: str, convs, offsets) 
             looser.setdefault(f"{factor:g}", {})[policy] = {"users": users, "at_least": capped}
     base = served[plan.policies[0]]["users"]
     oracle = (
-        compute_free_oracle(plan, options, gpu, arrival, traces, bound) if plan.oracle else None
+        compute_free_oracle(plan, options, gpu, arrival, traces, bound, base)
+        if plan.oracle
+        else None
     )
-    if oracle is not None:
-        oracle["vs_round_robin"] = ratio(oracle["served_users"]["users"], base)
     return {
         "mean_session_span_s": mean_span_s(convs, ChatLoad(1, 0.0, plan.think_scale)),
         "bound_e2e_s": bound,
@@ -213,11 +213,18 @@ def sweep(plan: Plan, options: Options, gpu: str, arrival: str, convs, offsets) 
 
 
 def compute_free_oracle(
-    plan: Plan, options: Options, gpu: str, arrival: str, traces: dict[int, Any], bound: float
+    plan: Plan,
+    options: Options,
+    gpu: str,
+    arrival: str,
+    traces: dict[int, Any],
+    bound: float,
+    round_robin_users: float,
 ) -> dict[str, Any]:
     """Users served within ``bound`` by round-robin on GPUs with free compute, over the same
-    traces: about the most any policy whose gain is prefill avoided (cached, migrated or
-    prefetched KV) could serve here. Stops at the first count past the bound."""
+    traces (and as a multiple of ``round_robin_users``, round-robin's on real GPUs): about the
+    most any policy whose gain is prefill avoided (cached, migrated or prefetched KV) could
+    serve here. Stops at the first count past the bound."""
     cfg = config(plan, gpu, "round-robin", options.seed)
     cfg = dataclasses.replace(cfg, gpu_params=plan.oracle_gpu_params)
     e2e: dict[str, float] = {}
@@ -232,6 +239,7 @@ def compute_free_oracle(
         "gpu_params": list(plan.oracle_gpu_params),
         "e2e_s_mean": e2e,
         "served_users": {"users": users, "at_least": capped},
+        "vs_round_robin": ratio(users, round_robin_users),
     }
 
 
