@@ -379,3 +379,31 @@ def test_program_fcfs_lets_a_returning_agent_step_go_before_a_new_program():
 
     assert first_admitted("program") == "old-2"
     assert first_admitted("fcfs") == "new-1"
+
+
+def test_a_turn_continues_in_its_partial_tail_while_the_write_through_still_reads_it(tmp_path):
+    """A session's next turn that arrives while the previous turn's write-through to disk is
+    still queued continues in the partial tail block that copy reads (it reads only the
+    tail's first tokens, which the turn leaves alone): nothing recomputed, the copy lands
+    intact (``VirtualLinks`` checks every copied slot), and the accounting balances."""
+    rng = random.Random(11)
+    clock, model, links, core, sessions = build(tmp_path, num_blocks=256, host_slots=256)
+    links.BANDWIDTH = {**links.BANDWIDTH, "persist": 1e6}  # a slow disk: ~0.2 s per turn
+    driver = Driver(clock, core, sessions, rng)
+    records = []
+    for _ in range(4):
+        driver.submit("agent", 0.0, 5)  # back to back: the next turn right after the last
+        while core.has_unfinished_requests():
+            records.extend(driver.step())
+        assert core.tiers.num_pending_jobs, "the write-through should still be in flight"
+    later = records[1:]
+    assert all(r["history"] % BS for r in later), "each history should end in a partial tail"
+    for record in later:
+        # The whole history, the partial tail included, from the device (the last sampled
+        # token never had KV computed: history - 1 is all there is).
+        assert record["cached"] == record["history"] - 1, record
+        assert record["by_tier"]["device"] == record["cached"], record
+    core.flush()
+    check_block_accounting(core)
+    assert links.jobs["persist"] >= 4
+    assert core.tiers.stats.persisted_blocks > 0

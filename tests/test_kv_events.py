@@ -108,7 +108,9 @@ class FakeTransfer:
     def _run(self, job: TransferJob) -> None:
         for item in job.items:
             if item.src == Tier.DEVICE:
-                data: tuple[int, ...] | None = self.device[item.src_slot]
+                # The block's first tokens: a session may have continued in a partial tail
+                # this copy reads (it reads what the item names; the rest is not its KV).
+                data: tuple[int, ...] | None = self.device[item.src_slot][: len(item.token_ids)]
             elif item.src == Tier.HOST:
                 data = self.host[item.src_slot]
             else:

@@ -31,6 +31,8 @@ class TierLocator(Protocol):
 
     def has_lower_copy(self, key: bytes) -> bool: ...
 
+    def num_readers(self, block: KVBlock) -> int: ...
+
 
 @dataclass
 class CachedRun:
@@ -188,7 +190,7 @@ class KVCacheManager:
         would wait for a second one-block fetch)."""
         wanted = self.lower_tier_blocks(request, loc)
         whole = loc.leading == 0 and not loc.later
-        if whole and self.find_tail(request, loc.num_blocks) is None:
+        if whole and self.find_tail(request, loc.num_blocks, tiers=locator) is None:
             address = self.tail_address(request, loc.num_blocks)
             tier = locator.locate(*address[:3]) if address is not None else None
             if address is not None and tier is not None:
@@ -196,7 +198,11 @@ class KVCacheManager:
         return wanted
 
     def find_tail(
-        self, request: Request, num_full: int, held: list[KVBlock] | None = None
+        self,
+        request: Request,
+        num_full: int,
+        held: list[KVBlock] | None = None,
+        tiers: TierLocator | None = None,
     ) -> KVBlock | None:
         """A session's partially filled last block from its previous turn, if it is still on
         the device, unreferenced, and holds exactly the tokens that follow ``num_full`` full
@@ -207,9 +213,12 @@ class KVCacheManager:
         block = self.pool.lookup(*address[:3])
         if block is None:
             return None
-        # Nobody else may be using it: unreferenced, or held only for this request.
+        # Nobody else may be using it: unreferenced, held only for this request, or read by
+        # queued copies (the write-through to disk of the turn that just finished, usually).
+        # A copy reads only the block's first tokens, which the turn leaves as they are.
         mine = sum(1 for b in held or () if b is block)
-        return block if block.ref_cnt == mine else None
+        readers = tiers.num_readers(block) if tiers is not None else 0
+        return block if block.ref_cnt == mine + readers else None
 
     def tail_address(
         self, request: Request, num_full: int

@@ -280,7 +280,7 @@ class Scheduler:
         first = next((i for i, b in enumerate(layout) if b is None), len(layout))
         held = self.tiers.held(request.request_id) if self.tiers is not None else []
         whole = first == len(layout)  # a cached run from the first block, no hole
-        tail = self.kv.find_tail(request, len(cached), held) if whole else None
+        tail = self.kv.find_tail(request, len(cached), held, self.tiers) if whole else None
         request.num_computed_tokens = first * size
         if tail is not None:
             request.num_computed_tokens += tail.num_tokens

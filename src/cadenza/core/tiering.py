@@ -240,6 +240,9 @@ class TierManager:
         # request) is dropped from here; its fetch then lands as ordinary cached blocks.
         self._fetching: dict[str, int] = {}
         self._offload_in_flight = 0
+        # How many queued copy-out jobs read each device block (by id): references that only
+        # read the block's first tokens, so a session may continue in a partial tail they hold.
+        self._readers: dict[int, int] = {}
         # Cached free device blocks without a host copy (the ahead-of-time copy's candidates),
         # ranked for eviction without a scan; kept in step with the pool's free queue and the
         # host tier's keys.
@@ -278,6 +281,10 @@ class TierManager:
         return (self.host is not None and key in self.host) or (
             self.disk is not None and key in self.disk
         )
+
+    def num_readers(self, block: KVBlock) -> int:
+        """References on ``block`` held by queued copies that read it out (to host or disk)."""
+        return self._readers.get(block.block_id, 0)
 
     def is_fetching(self, owner: str) -> bool:
         return owner in self._fetching
@@ -471,6 +478,9 @@ class TierManager:
         if not items:
             return None
         self.pool.touch(blocks)
+        readers = self._readers
+        for block in blocks:
+            readers[block.block_id] = readers.get(block.block_id, 0) + 1
         job = TransferJob(kind, items)
         self._pending[job.job_id] = _Pending(job, list(blocks), busy, slots)
         return job
@@ -519,13 +529,15 @@ class TierManager:
             block = by_block[item.src_slot]
             entry = None
             if item.ok:
+                # The item's own position and length: a session may have continued in a
+                # partial tail since (the block now holds more tokens under no key).
                 entry = HostEntry(
                     item.key,
                     item.parent,
                     item.token_ids,
                     item.dst_slot,
-                    block.position,
-                    block.num_tokens,
+                    item.position,
+                    len(item.token_ids),
                     block.last_access,
                 )
             landed.append((item, entry))
@@ -548,6 +560,13 @@ class TierManager:
         else:
             self.stats.disk_write_bytes += job.bytes_moved
             self.stats.disk_write_seconds += job.seconds
+        readers = self._readers
+        for block in pending.device_blocks:
+            left = readers[block.block_id] - 1
+            if left:
+                readers[block.block_id] = left
+            else:
+                del readers[block.block_id]
         self.pool.free(pending.device_blocks, accessed=False)
 
     def _apply_fetch(self, job: TransferJob, blocks: list[KVBlock]) -> None:
