@@ -82,6 +82,13 @@ def test_completions_text_and_tokens(client):
     )
     logprobs = by_ids.choices[0].logprobs
     assert len(logprobs.tokens) == by_ids.usage.completion_tokens
+    # The OpenAI SDK's other token form, a list of token lists, with the one prompt allowed.
+    nested = client.completions.create(
+        model=MODEL, prompt=[[1, 2, 3, 4]], max_tokens=3, temperature=0
+    )
+    assert nested.choices[0].text == by_ids.choices[0].text
+    with pytest.raises(openai.BadRequestError, match="one prompt per request"):
+        client.completions.create(model=MODEL, prompt=[[1, 2], [3, 4]], max_tokens=1)
     streamed = "".join(
         c.choices[0].text
         for c in client.completions.create(
@@ -203,7 +210,8 @@ def test_bad_requests_get_clear_4xx(server, client):
         json={"model": MODEL, "prompt": ["hello", [1, 2, 3], 5]},
     )
     assert mixed.status_code == 400 and mixed.json()["error"]["param"] == "prompt"
-    assert "prompt: must be one of the forms str, list[int], list[str]" in mixed.text
+    forms = "str, list[int], list[str], list[list[int]]"
+    assert f"prompt: must be one of the forms {forms}" in mixed.text
     with pytest.raises(openai.BadRequestError, match="top_logprobs needs logprobs: true"):
         client.chat.completions.create(
             model=MODEL, messages=[{"role": "user", "content": "x"}], top_logprobs=2

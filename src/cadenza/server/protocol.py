@@ -150,8 +150,8 @@ class ChatCompletionRequest(_SamplingFields):
 
 
 class CompletionRequest(_SamplingFields):
-    prompt: str | list[int] | list[str] = Field(
-        description="one prompt: text, token ids, or a one-element list of text"
+    prompt: str | list[int] | list[str] | list[list[int]] = Field(
+        description="one prompt: text, token ids, or a one-element list of either"
     )
     max_tokens: int | None = Field(DEFAULT_COMPLETION_MAX_TOKENS, ge=1)
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)

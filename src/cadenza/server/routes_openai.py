@@ -233,10 +233,10 @@ async def completions(
     if body.suffix:
         raise APIError(400, "suffix is not supported", param="suffix")
     prompt: str | list[int]
-    if isinstance(body.prompt, list) and body.prompt and isinstance(body.prompt[0], str):
+    if isinstance(body.prompt, list) and body.prompt and isinstance(body.prompt[0], str | list):
         if len(body.prompt) != 1:
             raise APIError(400, "send one prompt per request (n=1)", param="prompt")
-        prompt = str(body.prompt[0])
+        prompt = body.prompt[0]  # type: ignore[assignment]
     else:
         prompt = body.prompt  # type: ignore[assignment]
     if not prompt:
