@@ -195,3 +195,16 @@ def test_session_api_errors(chat_source):
         assert llm.sessions.store.turns("s")[0].status == "complete"
         assert llm.end_session("s", delete=True)
         assert llm.session_messages("s") == []
+
+
+def test_a_session_id_the_server_could_not_address_is_refused_offline(chat_source):
+    """The offline API takes the server's session-id rules (the two can share a store, where
+    a session is addressed as /v1/sessions/{id}): a clear ValueError, nothing stored."""
+    with make_llm(chat_source, num_kv_blocks=64) as llm:
+        message = [{"role": "user", "content": "hi"}]
+        for bad, why in (("a/b", "may not contain '/'"), ("", "1 to 256"), ("t\tab", "control")):
+            with pytest.raises(ValueError, match=why):
+                llm.chat(message, SamplingParams(max_tokens=1), session_id=bad)
+            assert llm.sessions.store.get_session(bad) is None
+        (ok,) = llm.chat(message, SamplingParams(max_tokens=1), session_id="a-b:c")
+        assert ok.outputs[0].token_ids

@@ -14,6 +14,7 @@ from cadenza.kvstore.kv_export import KVExport
 from cadenza.model.source import ModelSource
 from cadenza.model.tokenizer import Tokenizer
 from cadenza.outputs import RequestOutput
+from cadenza.session.ids import session_id_problem
 from cadenza.session.layer import SessionLayer
 from cadenza.session.store import ConversationStore
 
@@ -143,6 +144,9 @@ class LLM:
         arrival_time: float | None = None,
     ) -> str:
         """Queue a session's next turn without running it (drive it with ``step``)."""
+        problem = session_id_problem(session_id)
+        if problem is not None:
+            raise ValueError(problem)
         rid = request_id or self._next_id()
         request = self.sessions.begin_turn(
             session_id,

@@ -13,9 +13,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from cadenza.core.sampling_params import MAX_LOGPROBS, SamplingParams
+from cadenza.session.ids import MAX_SESSION_ID_CHARS
 from cadenza.tools.spec import arguments_object
-
-MAX_SESSION_ID_CHARS = 256  # the X-Session-Id header and the session_id field
 
 # OpenAI's default for /v1/completions when max_tokens is absent or null (chat has none).
 DEFAULT_COMPLETION_MAX_TOKENS = 16

@@ -32,13 +32,13 @@ from cadenza.server.chat_prompt import conversation_token_ids, reply_key
 from cadenza.server.engine_stream import chain, collect, sse_headers, start_stream
 from cadenza.server.errors import APIError
 from cadenza.server.protocol import (
-    MAX_SESSION_ID_CHARS,
     ChatCompletionRequest,
     CompletionRequest,
 )
 from cadenza.server.state import ServerState, get_state, scoped_session, tenant_of
 from cadenza.server.tool_requests import chat_response_format, constrained, tool_context
 from cadenza.server.tool_retention import retain_through_tool_calls
+from cadenza.session.ids import session_id_problem
 from cadenza.session.manager import SessionNamespaceError
 from cadenza.session.store import TenantMismatchError, TurnInProgressError
 from cadenza.tools.parsers import ToolCall
@@ -74,19 +74,9 @@ def session_id_of(request: Request, field: str | None) -> str | None:
     session_id = header if header is not None else field
     if session_id is None:
         return None
-    if not 1 <= len(session_id) <= MAX_SESSION_ID_CHARS:
-        raise APIError(
-            400,
-            f"a session id has 1 to {MAX_SESSION_ID_CHARS} characters; got {len(session_id)}",
-            param="session_id",
-        )
-    if "/" in session_id or any(ord(c) < 32 or ord(c) == 127 for c in session_id):
-        raise APIError(
-            400,
-            "a session id may not contain '/' or control characters: it is addressed as"
-            " /v1/sessions/{id}",
-            param="session_id",
-        )
+    problem = session_id_problem(session_id)
+    if problem is not None:
+        raise APIError(400, problem, param="session_id")
     return session_id
 
 
