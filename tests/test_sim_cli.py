@@ -127,6 +127,10 @@ def test_bad_settings_are_errors_that_say_what_to_fix(tmp_path, capsys):
 
     trace = tmp_path / "t.jsonl"
     tiny_trace(trace)
+    bad_json = tmp_path / "bad.json"
+    bad_json.write_text("not json")
+    wrong_shape = tmp_path / "shape.json"
+    wrong_shape.write_text('{"x": 1}')
     cases = [
         (["--block-size", "0"], "block_size must be positive"),
         (["--num-blocks", "-1"], "num_blocks must be positive"),
@@ -136,6 +140,14 @@ def test_bad_settings_are_errors_that_say_what_to_fix(tmp_path, capsys):
         (["--gpu", "H100"], "add --cost-model gpu"),
         (["--gpu-param", "matmul_efficiency=0.5"], "--cost-model gpu"),
         (["--cost-model", "gpu", "--gpu-param", "matmul_efficiency=x"], "wants a number"),
+        (["--cost-model", "gpu", "--gpu-param", "matmul_efficiency=0"], "a number > 0"),
+        (["--cost-model", "gpu", "--gpu-param", "memory_utilization=5"], "fraction in (0, 1]"),
+        (["--cost-model", "gpu", "--gpu-param", "step_overhead_s=-1"], "finite number >= 0"),
+        (["--cost-model", "gpu", "--kv-cache-gib", "3"], "--kv-cache-gib sizes the cpu"),
+        (["--calibration", str(bad_json)], "not a calibration JSON file"),
+        (["--calibration", str(wrong_shape)], "not a calibration (missing"),
+        (["--out", str(tmp_path)], "is a directory; name a file"),
+        (["--out", str(trace / "m.json")], "is a file, not a directory"),
     ]
     for flags, message in cases:
         out = tmp_path / "m.json"
@@ -143,3 +155,34 @@ def test_bad_settings_are_errors_that_say_what_to_fix(tmp_path, capsys):
         err = capsys.readouterr().err
         assert err.startswith("cadenza simulate: ") and message in err, (flags, err)
         assert not out.exists(), flags
+
+
+def test_unreadable_traces_are_errors_naming_the_file(tmp_path, capsys):
+    """A trace that is empty, not UTF-8, a cut-off gzip, or a directory stops the run with the
+    file named; a turn too large to make up tokens for names its line and field."""
+    import gzip
+
+    from cadenza.cli import main
+
+    good = tiny_trace(tmp_path / "t.jsonl")
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n\n")
+    latin = tmp_path / "latin.jsonl"
+    latin.write_bytes(b'{"session_id": "caf\xe9"}\n')
+    cut = tmp_path / "cut.jsonl.gz"
+    cut.write_bytes(gzip.compress(good.read_bytes())[:40])
+    huge = tmp_path / "huge.jsonl"
+    huge.write_text(
+        '{"session_id":"s","arrival_s":0,"input_tokens":1000000000000,"output_tokens":4}\n'
+    )
+    cases = [
+        (empty, "the trace has no turns"),
+        (latin, "line 1: not UTF-8 text"),
+        (cut, "not a readable gzip file"),
+        (tmp_path, "is a directory; name a trace file"),
+        (huge, "line 1: input_tokens must be at most 10,000,000"),
+    ]
+    for path, message in cases:
+        assert main(["simulate", "--trace", str(path)]) == 2, path
+        err = capsys.readouterr().err
+        assert err.startswith("cadenza simulate: ") and str(path) in err and message in err, err

@@ -279,3 +279,25 @@ def test_plans_for_quick_and_scale(module):
     half = module.plan_for(Options(scale=0.5))
     assert quick != full and half != full
     assert type(quick) is type(full) is type(half)
+
+
+def test_reproduce_refuses_inputs_it_could_only_misread(tmp_path, capsys):
+    """A data file that is not there (the run would fall back to synthetic data), an ``--only``
+    key or value the sweep does not have (it would run everything, or nothing, and still write
+    the report): each stops before any run, writing nothing."""
+    from cadenza.cli import main
+
+    cases = [
+        (["pensieve", "--data", str(tmp_path / "nope.jsonl")], "--data"),
+        (["mell", "--azure", str(tmp_path / "nope.csv")], "--azure"),
+        (["pensieve", "--only", "bogus=1"], "no 'bogus' to restrict; keys: eviction, system"),
+        (["mell", "--only", "gpu=H200"], "gpu takes RTX-4090 in this run"),
+        (["symphony", "--only", "gpu"], "--only takes KEY=VALUE"),
+        (["continuum", "--only", "gpu=H100"], "keys: none"),
+    ]
+    out = tmp_path / "out"
+    for argv, message in cases:
+        code = main(["simulate", "reproduce", *argv, "--quick", "--out-dir", str(out)])
+        err = capsys.readouterr().err
+        assert code == 2 and message in err, (argv, err)
+    assert not out.exists()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import threading
 import time
 
+import pytest
 import torch
 
 from cadenza.core.hashing import BlockHash
@@ -297,3 +298,8 @@ def test_unwritten_host_slot_never_reaches_the_device() -> None:
         assert not fetch.items[0].ok and swap.checksum_failures == 1
     finally:
         swap.close()
+
+
+def test_a_host_tier_too_big_for_memory_is_an_error_naming_the_setting():
+    with pytest.raises(ValueError, match="cannot allocate the host KV tier.*lower the host tier"):
+        SwapEngine(torch.zeros(1, 2, 4, 16, 1, 8), host_slots=10**12)

@@ -201,6 +201,19 @@ def test_cli_summary_and_convert(tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert "--think does not apply to --from agents" in capsys.readouterr().err
     assert trace_main(["convert", "--from", "mooncake", "--out", str(out)]) == 2
     assert "needs --input" in capsys.readouterr().err
+    # Settings that would write an empty trace, or fail only after converting, are refused.
+    bad = [
+        (["--from", "mooncake", "--input", str(tmp_path / "nope.jsonl")], "no such file"),
+        (["--from", "agents", "--sessions", "0"], "--sessions must be at least 1"),
+        (["--from", "agents", "--min-steps", "5", "--max-steps", "2"], "is above --max-steps"),
+        (["--from", "agents", "--out", str(tmp_path)], "is a directory; name a file"),
+    ]
+    for flags, message in bad:
+        argv = ["convert", "--out", str(tmp_path / "x.jsonl"), *flags]
+        assert trace_main(argv) == 2, flags
+        assert message in capsys.readouterr().err, flags
+    assert trace_main(["summary", str(tmp_path)]) == 2
+    assert "is a directory" in capsys.readouterr().err
 
 
 def test_cli_flags_all_have_help() -> None:

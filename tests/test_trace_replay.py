@@ -116,6 +116,19 @@ def test_the_replay_command_has_the_trace_flags(tmp_path):
     plain = build_parser().parse_args(["bench", "replay"])
     assert plain.trace is None and plain.conversations == 100
     assert plain.workers is None and plain.routing is None and plain.host_gib is None
+    # Settings the simulator refuses are refused here too, before any model loads; --out
+    # belongs to the --trace mode, and a bad one fails before the replay, not after it.
+    for flags, message in (
+        (["--block-size", "0"], "block_size must be positive"),
+        (["--kv-cache-gib", "0"], "kv_cache_gib must be positive"),
+        (["--out", str(tmp_path)], "is a directory; name a file"),
+    ):
+        args = build_parser().parse_args(["bench", "replay", "--trace", str(trace), *flags])
+        with pytest.raises(ValueError, match=message):
+            args.func(args)
+    plain_out = build_parser().parse_args(["bench", "replay", "--out", "m.json"])
+    with pytest.raises(ValueError, match="--out is the metrics file of a --trace replay"):
+        plain_out.func(plain_out)
     # The validation that runs this replay against the simulator is a bench command too.
     validation = build_parser().parse_args(["bench", "sim-validation", "--quick"])
     assert validation.quick and validation.func.__module__ == "cadenza.sim.validate"

@@ -212,7 +212,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError) as exc:
+    except (ValueError, OSError) as exc:  # bad input, a missing or unwritable path
         print(f"cadenza: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -716,6 +716,11 @@ def run(args: argparse.Namespace) -> int:
         from cadenza.bench.trace_replay import run_trace
 
         return run_trace(args)
+    if getattr(args, "out", None):
+        raise ValueError(
+            "--out is the metrics file of a --trace replay; without --trace the ShareGPT"
+            " replay writes its report into --out-dir (named by --name)"
+        )
     from cadenza.config import CacheConfig
     from cadenza.llm import LLM
     from cadenza.model.source import load_model_source

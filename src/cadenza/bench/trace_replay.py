@@ -34,6 +34,7 @@ from typing import Any
 
 from cadenza.cluster.placement import POLICY_NAMES, CostParams
 from cadenza.sim.metrics import build_metrics, dumps_metrics
+from cadenza.sim.out_path import out_file_problem
 from cadenza.sim.trace import TraceTurn, read_trace
 
 BACKENDS = ("local", "ray")
@@ -71,6 +72,16 @@ class TraceReplayConfig:
             raise ValueError(f"cluster backend must be one of {', '.join(BACKENDS)}")
         if self.host_gib < 0 or self.disk_gib < 0:
             raise ValueError("host_gib and disk_gib must not be negative")
+        # The simulator's checks of the settings both have (a replay is predicted by one).
+        for name in ("block_size", "max_num_batched_tokens", "max_num_seqs"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive; got {getattr(self, name)}")
+        if self.num_blocks is not None and self.num_blocks <= 0:
+            raise ValueError(f"num_blocks must be positive; got {self.num_blocks}")
+        if not self.kv_cache_gib > 0:
+            raise ValueError(f"kv_cache_gib must be positive; got {self.kv_cache_gib}")
+        if self.retention_ttl_s < 0:
+            raise ValueError(f"retention_ttl_s must not be negative; got {self.retention_ttl_s}")
 
     def describe(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -293,6 +304,9 @@ def config_from_args(args: argparse.Namespace) -> TraceReplayConfig:
 
 def run_trace(args: argparse.Namespace) -> int:
     """``cadenza bench replay --trace FILE``."""
+    problem = out_file_problem(args.out) if args.out else None
+    if problem is not None:
+        raise ValueError(problem)
     config = config_from_args(args)
     turns = read_trace(args.trace)
     costs = placement_costs(config, args.calibration) if args.calibration else None

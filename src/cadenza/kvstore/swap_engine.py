@@ -94,11 +94,7 @@ class SwapEngine:
         self.on_cuda = device_kv.device.type == "cuda"
         shape = list(device_kv.shape)
         shape[2] = max(host_slots, 0)
-        self.host_kv = (
-            torch.empty(shape, dtype=device_kv.dtype, pin_memory=self.on_cuda)
-            if host_slots > 0
-            else None
-        )
+        self.host_kv = self._host_tensor(shape, device_kv.dtype) if host_slots > 0 else None
         block_shape = shape[:2] + shape[3:]
         self.block_bytes = device_kv[:, :, 0].numel() * device_kv.element_size()
         # Disk reads land here first; ``run_now`` has its own, as it may run beside the thread.
@@ -337,6 +333,19 @@ class SwapEngine:
         """Check a host slot against its checksum before reading it outside a copy job (e.g. a
         KV export); a failure is counted."""
         return self._verify_host(slot)
+
+    def _host_tensor(self, shape: list[int], dtype: torch.dtype) -> torch.Tensor:
+        """The host tier's slots, or a ValueError that says how big they were and what to
+        lower (the allocator's own message names neither the tier nor the setting)."""
+        try:
+            return torch.empty(shape, dtype=dtype, pin_memory=self.on_cuda)
+        except RuntimeError as e:
+            gib = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size() / 2**30
+            raise ValueError(
+                f"cannot allocate the host KV tier: {shape[2]} blocks, {gib:.1f} GiB, do not fit"
+                " this machine's memory; lower the host tier (kv_host_gib, --kv-host-gib, or"
+                f" --host-gib for a trace replay) ({str(e).splitlines()[0]})"
+            ) from e
 
     def _copy_tensor(
         self,

@@ -16,6 +16,7 @@ settable from the command line; the defaults are typical of vLLM-class engines o
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, fields, replace
 
 from cadenza.sim.hardware import GPUSpec
@@ -52,7 +53,27 @@ class RooflineParams:
                     f"--gpu-param {name} wants {'an integer' if kind is int else 'a number'};"
                     f" got {value.strip()!r}"
                 ) from None
+            amount = changes[name]
+            if name == "memory_utilization" and not 0 < amount <= 1:
+                raise ValueError(
+                    f"--gpu-param {name} is the share of GPU memory the engine may use, a"
+                    f" fraction in (0, 1]; got {value.strip()}"
+                )
+            if name in _EFFICIENCIES and not (math.isfinite(amount) and amount > 0):
+                raise ValueError(
+                    f"--gpu-param {name} must be a number > 0 (1: the hardware's peak; above"
+                    f" it: a what-if faster than the hardware); got {value.strip()}"
+                )
+            if not (math.isfinite(amount) and amount >= 0):
+                raise ValueError(
+                    f"--gpu-param {name} must be a finite number >= 0; got {value.strip()}"
+                )
         return replace(self, **changes)  # type: ignore[arg-type]
+
+
+# Fractions of a peak: 0 would price a step at infinity. Above 1 is allowed, as a what-if (the
+# compute-free ceiling of the SYMPHONY reproduction sets them to 1e6).
+_EFFICIENCIES = ("matmul_efficiency", "attention_efficiency", "memory_efficiency")
 
 
 class RooflineCost:

@@ -19,6 +19,7 @@ from cadenza.cluster.placement import POLICY_NAMES
 from cadenza.sim import speed
 from cadenza.sim.hardware import GPUS
 from cadenza.sim.model_shapes import MODELS
+from cadenza.sim.out_path import out_file_problem
 from cadenza.sim.repro.cli import add_reproduce_parser
 from cadenza.sim.setup import COST_MODELS, SimConfig
 
@@ -33,15 +34,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     d = SimConfig()
     parser.add_argument("--trace", help="a session trace (.jsonl or .jsonl.gz) to run")
     parser.add_argument("--out", help="where to write the metrics JSON (default: stdout)")
-    parser.add_argument("--workers", type=int, default=d.workers, help="simulated workers")
     parser.add_argument(
-        "--routing", choices=POLICY_NAMES, default=d.routing, help="placement policy"
+        "--workers", type=int, default=d.workers, help="simulated workers (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--routing",
+        choices=POLICY_NAMES,
+        default=d.routing,
+        help="placement policy (default: %(default)s)",
     )
     parser.add_argument(
         "--cost-model",
         choices=COST_MODELS,
         default=d.cost_model,
-        help="cpu: this engine on this machine (calibrated); gpu: a roofline of --model on --gpu",
+        help="cpu: this engine on this machine (calibrated); gpu: a roofline of --model on --gpu"
+        " (default: %(default)s)",
     )
     parser.add_argument(
         "--gpu",
@@ -55,20 +62,46 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="model shape (default: smollm2-135m for cpu, llama-3.1-8b for gpu)",
     )
-    parser.add_argument("--seed", type=int, default=d.seed, help="seed of token ids and samples")
-    parser.add_argument("--block-size", type=int, default=d.block_size, help="tokens per block")
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=d.seed,
+        help="seed of token ids and samples (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--block-size",
+        type=int,
+        default=d.block_size,
+        help="tokens per block (default: %(default)s)",
+    )
     parser.add_argument(
         "--num-blocks", type=int, default=None, help="device KV blocks per worker (default: fit)"
     )
     parser.add_argument(
-        "--kv-cache-gib", type=float, default=d.kv_cache_gib, help="cpu: device KV pool GiB"
+        "--kv-cache-gib",
+        type=float,
+        default=None,
+        help=f"device KV pool GiB, with --cost-model cpu (default: {d.kv_cache_gib}; gpu: what"
+        " the GPU holds)",
     )
-    parser.add_argument("--host-gib", type=float, default=d.host_gib, help="host KV tier GiB")
-    parser.add_argument("--disk-gib", type=float, default=d.disk_gib, help="disk KV tier GiB")
     parser.add_argument(
-        "--max-num-batched-tokens", type=int, default=d.max_num_batched_tokens, help="step budget"
+        "--host-gib", type=float, default=d.host_gib, help="host KV tier GiB (default: %(default)s)"
     )
-    parser.add_argument("--max-num-seqs", type=int, default=d.max_num_seqs, help="running cap")
+    parser.add_argument(
+        "--disk-gib", type=float, default=d.disk_gib, help="disk KV tier GiB (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--max-num-batched-tokens",
+        type=int,
+        default=d.max_num_batched_tokens,
+        help="step budget (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--max-num-seqs",
+        type=int,
+        default=d.max_num_seqs,
+        help="running cap (default: %(default)s)",
+    )
     parser.add_argument(
         "--eviction",
         choices=("cost", "lru"),
@@ -88,7 +121,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--retention-ttl-s",
         type=float,
         default=d.retention_ttl_s,
-        help="KV retention after a turn without tool_s in the trace",
+        help="KV retention after a turn without tool_s in the trace (default: %(default)s)",
     )
     parser.add_argument(
         "--calibration",
@@ -122,6 +155,11 @@ def _config(args: argparse.Namespace) -> SimConfig:
             f"--gpu {args.gpu} prices steps on a GPU: add --cost-model gpu (the default cost"
             f" model, cpu, is this engine on this machine)"
         )
+    if args.kv_cache_gib is not None and args.cost_model != "cpu":
+        raise ValueError(
+            "--kv-cache-gib sizes the cpu cost model's pool; with --cost-model gpu the pool is"
+            " what --gpu holds (set it with --num-blocks or --gpu-param memory_utilization=...)"
+        )
     calibration = args.calibration
     if calibration is None and args.cost_model == "cpu" and default_calibration_path().exists():
         calibration = str(default_calibration_path())
@@ -134,7 +172,7 @@ def _config(args: argparse.Namespace) -> SimConfig:
         seed=args.seed,
         block_size=args.block_size,
         num_blocks=args.num_blocks,
-        kv_cache_gib=args.kv_cache_gib,
+        kv_cache_gib=args.kv_cache_gib if args.kv_cache_gib is not None else SimConfig.kv_cache_gib,
         host_gib=args.host_gib,
         disk_gib=args.disk_gib,
         max_num_batched_tokens=args.max_num_batched_tokens,
@@ -162,6 +200,9 @@ def run(args: argparse.Namespace) -> int:
     from cadenza.sim.trace import read_trace
 
     try:
+        problem = out_file_problem(args.out) if args.out else None
+        if problem is not None:
+            raise ValueError(problem)
         config = _config(args)
         turns = read_trace(args.trace)
         start = time.perf_counter()
@@ -175,7 +216,7 @@ def run(args: argparse.Namespace) -> int:
         Path(args.out).write_text(text, encoding="utf-8")
         wall = time.perf_counter() - start
         print(
-            f"simulated {metrics['turns']} turns ({metrics['rejected_turns']} rejected) over"
+            f"simulated {metrics['turns']} of {len(turns)} turns{_not_run(metrics)} over"
             f" {metrics['duration_s']:.1f} virtual s in {wall:.1f} s; mean TTFT"
             f" {metrics['ttft_s']['mean']:.3f} s; metrics in {args.out}",
             file=sys.stderr,
@@ -183,6 +224,13 @@ def run(args: argparse.Namespace) -> int:
     else:
         sys.stdout.write(text)
     return 0
+
+
+def _not_run(metrics: dict) -> str:
+    n = metrics["rejected_turns"]
+    if not n:
+        return ""
+    return f" ({n} not run: a turn longer than the context or the KV pool ends its session)"
 
 
 def _calibrate(args: argparse.Namespace) -> int:

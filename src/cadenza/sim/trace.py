@@ -14,7 +14,7 @@ Fields (:data:`FIELDS` is the key order files are written in; absent optional fi
   session finished (its reply and then its tool call, if any). A session's first turn always has
   ``arrival_s``.
 * ``input_tokens`` / ``output_tokens`` (int > 0, required): the tokens this turn adds (the new
-  user message or observation) and the tokens its reply has.
+  user message or observation) and the tokens its reply has (each at most 10,000,000).
 * ``shared_prefix_id`` / ``shared_prefix_tokens`` (optional, both or neither): a prefix every
   session with that id starts with (a system prompt). It is a session property, repeated on every
   turn of the session so each line stands alone, and one id has one token count in the trace.
@@ -43,6 +43,7 @@ import json
 import math
 import os
 import tempfile
+import zlib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -117,6 +118,11 @@ class TraceSummary:
 
 # ------------------------------------------------------------------------------ checking
 
+# A turn's token counts are checked against this before any tokens are made up for them (a
+# typo of a few zeros would otherwise allocate the machine's memory away); the engine or the
+# simulator then rejects a turn longer than its model's context, as the server would.
+MAX_TURN_TOKENS: Final = 10_000_000
+
 
 def _field_value(name: str, value: Any, where: str) -> Any:
     """``value`` checked against the type of field ``name``; seconds come back as float."""
@@ -165,6 +171,12 @@ def _check_turn(turn: TraceTurn, where: str) -> None:
             raise ValueError(f"{where}: {name} must be > 0, got {getattr(turn, name)}")
     if turn.shared_prefix_tokens < 0:
         raise ValueError(f"{where}: shared_prefix_tokens must be >= 0")
+    for name in ("input_tokens", "output_tokens", "shared_prefix_tokens"):
+        if getattr(turn, name) > MAX_TURN_TOKENS:
+            raise ValueError(
+                f"{where}: {name} must be at most {MAX_TURN_TOKENS:,} (longer than any model's"
+                f" context), got {getattr(turn, name):,}"
+            )
     if (turn.shared_prefix_id is None) != (turn.shared_prefix_tokens == 0):
         raise ValueError(
             f"{where}: shared_prefix_id and shared_prefix_tokens > 0 go together "
@@ -271,18 +283,36 @@ def read_trace(path: str | os.PathLike[str]) -> list[TraceTurn]:
     skipped (and still counted, so the line numbers are the file's)."""
     source = Path(path)
 
-    def numbered() -> Iterable[tuple[str, Any]]:
-        with _open_read(source) as f:
-            for lineno, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                where = f"{source}: line {lineno}"
-                try:
-                    yield where, json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{where}: invalid JSON ({e.msg})") from e
+    if source.is_dir():
+        raise ValueError(f"{source} is a directory; name a trace file (.jsonl or .jsonl.gz)")
 
-    return _check(numbered())
+    def numbered() -> Iterable[tuple[str, Any]]:
+        lineno = 0
+        try:
+            with _open_read(source) as f:
+                for lineno, line in enumerate(f, start=1):
+                    if not line.strip():
+                        continue
+                    where = f"{source}: line {lineno}"
+                    try:
+                        yield where, json.loads(line)
+                    except json.JSONDecodeError as e:
+                        raise ValueError(f"{where}: invalid JSON ({e.msg})") from e
+        except UnicodeDecodeError as e:
+            raise ValueError(
+                f"{source}: line {lineno + 1}: not UTF-8 text (byte {e.object[e.start]:#04x})"
+            ) from e
+        except (EOFError, gzip.BadGzipFile, zlib.error) as e:
+            after = f" after line {lineno}" if lineno else ""
+            raise ValueError(
+                f"{source}: not a readable gzip file{after} ({e}); a .gz trace must be"
+                " complete and gzipped"
+            ) from e
+
+    turns = _check(numbered())
+    if not turns:
+        raise ValueError(f"{source}: the trace has no turns")
+    return turns
 
 
 def dumps_turn(turn: TraceTurn) -> str:

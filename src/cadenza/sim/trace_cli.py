@@ -10,8 +10,10 @@ import dataclasses
 import json
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Final, cast
 
+from cadenza.sim.out_path import out_file_problem
 from cadenza.sim.trace import TraceTurn, read_trace, summarize, write_trace
 
 SOURCES: Final = ("sharegpt", "mooncake", "azure", "agents")
@@ -161,6 +163,16 @@ def _check_flags(args: argparse.Namespace) -> None:
             raise ValueError(f"{flag} does not apply to --from {args.source}")
     if args.source in ("mooncake", "azure") and args.input is None:
         raise ValueError(f"--from {args.source} needs --input")
+    if args.input is not None and not Path(args.input).is_file():
+        raise ValueError(f"--input {args.input}: no such file")
+    if args.sessions is not None and args.sessions < 1:
+        raise ValueError(f"--sessions must be at least 1; got {args.sessions}")
+    for low, high in (("min_turns", "max_turns"), ("min_steps", "max_steps")):
+        a, b = getattr(args, low, None), getattr(args, high, None)
+        if a is not None and b is not None and a > b:
+            raise ValueError(
+                f"--{low.replace('_', '-')} {a} is above --{high.replace('_', '-')} {b}"
+            )
 
 
 def convert(args: argparse.Namespace) -> list[TraceTurn]:
@@ -222,7 +234,12 @@ def convert(args: argparse.Namespace) -> list[TraceTurn]:
 def run(args: argparse.Namespace) -> int:
     """Run ``trace convert`` or ``trace summary``; errors are raised as ``ValueError``."""
     if args.trace_command == "convert":
+        problem = out_file_problem(args.out)
+        if problem is not None:
+            raise ValueError(problem)
         turns = convert(args)
+        if not turns:
+            raise ValueError("no turns to write: no session passed the filters")
         path = write_trace(args.out, turns)
         print(f"wrote {path}: {summarize(turns).format()}")
         return 0

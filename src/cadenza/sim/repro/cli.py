@@ -92,6 +92,12 @@ def main(args: argparse.Namespace) -> int:
         print("cadenza simulate reproduce: --scale must be positive", file=sys.stderr)
         return 2
     module = importlib.import_module(f"cadenza.sim.repro.{MODULES[args.name]}")
+    problem = _input_problem(options) or _only_problem(
+        options, module.sweep_filters(module.plan_for(options))
+    )
+    if problem is not None:
+        print(f"cadenza simulate reproduce {args.name}: {problem}", file=sys.stderr)
+        return 2
     start = time.perf_counter()
     report = module.run(options)
     paths = write_report(report, options.out_dir)
@@ -101,3 +107,31 @@ def main(args: argparse.Namespace) -> int:
         + ", ".join(str(p) for p in paths)
     )
     return 0
+
+
+def _input_problem(options: Options) -> str | None:
+    """A data file named on the command line that is not there (without one, a reproduction
+    falls back to synthetic data, and says so in its report: with one, that would hide a typo),
+    or an output directory that is a file."""
+    for flag, path in (("--data", options.data), ("--azure", options.azure)):
+        if path is not None and not Path(path).is_file():
+            return f"{flag} {path}: no such file"
+    if options.out_dir.exists() and not options.out_dir.is_dir():
+        return f"--out-dir {options.out_dir} is a file; name a directory"
+    return None
+
+
+def _only_problem(options: Options, filters: dict[str, list[str]]) -> str | None:
+    """An ``--only`` filter this reproduction's sweep cannot apply (an unknown key, or a value
+    that is not swept: either would run the whole sweep, or nothing, and write the report)."""
+    for only in options.only:
+        key, sep, value = only.partition("=")
+        if not sep or not key or not value:
+            return f"--only takes KEY=VALUE; got {only!r}"
+        if key not in filters:
+            keys = ", ".join(sorted(filters)) or "none (it has one sweep)"
+            return f"--only {only}: this reproduction has no {key!r} to restrict; keys: {keys}"
+        if value not in filters[key]:
+            values = ", ".join(filters[key])
+            return f"--only {only}: {key} takes {values} in this run"
+    return None

@@ -81,6 +81,11 @@ def jobs(records: list[TurnRecord], start: float, end: float) -> dict[str, Any]:
     }
 
 
+def sweep_filters(plan: Plan) -> dict[str, list[str]]:
+    """What ``--only`` can restrict in this reproduction: nothing (one sweep of variants)."""
+    return {}
+
+
 def run(options: Options, plan: Plan | None = None) -> Report:
     plan = plan or plan_for(options)
     results: dict[str, dict[str, Any]] = {}

@@ -92,6 +92,11 @@ def cell(run: Any, window: tuple[float, float]) -> dict[str, Any]:
     }
 
 
+def sweep_filters(plan: Plan) -> dict[str, list[str]]:
+    """What ``--only`` can restrict in this reproduction, and the values each key takes."""
+    return {"users": [str(u) for u in plan.users]}
+
+
 def run(options: Options, plan: Plan | None = None) -> Report:
     plan = plan or plan_for(options)
     convs, source = conversations(options, plan.conversations)

@@ -283,6 +283,12 @@ def one(plan: Plan, options: Options, model: str, gpu: str, name: str, turns, so
     }
 
 
+def sweep_filters(plan: Plan) -> dict[str, list[str]]:
+    """What ``--only`` can restrict in this reproduction, and the values each key takes."""
+    workloads = [f"poisson-{rate:g}" for rate in plan.rates] + (["azure"] if plan.azure else [])
+    return {"gpu": [gpu for _, gpu in plan.setups], "workload": workloads}
+
+
 def run(options: Options, plan: Plan | None = None) -> Report:
     plan = plan or plan_for(options)
     convs, conv_source = conversations(options, plan.conversations)

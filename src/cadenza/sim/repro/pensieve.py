@@ -136,6 +136,12 @@ def point(run: Any, window: tuple[float, float]) -> dict[str, Any]:
     }
 
 
+def sweep_filters(plan: Plan) -> dict[str, list[str]]:
+    """What ``--only`` can restrict in this reproduction, and the values each key takes
+    (``eviction=no`` leaves out the cost-aware vs LRU study)."""
+    return {"system": list(SYSTEMS), "eviction": ["yes", "no"]}
+
+
 def run(options: Options, plan: Plan | None = None) -> Report:
     plan = plan or plan_for(options)
     convs, source = conversations(options, plan.conversations)

@@ -294,6 +294,11 @@ def robustness(plan: Plan, options: Options, gpu: str, arrival: str, convs, offs
     return out
 
 
+def sweep_filters(plan: Plan) -> dict[str, list[str]]:
+    """What ``--only`` can restrict in this reproduction, and the values each key takes."""
+    return {"gpu": list(plan.gpus), "arrival": list(plan.arrivals)}
+
+
 def run(options: Options, plan: Plan | None = None) -> Report:
     plan = plan or plan_for(options)
     convs, source = conversations(options, plan.conversations)
