@@ -118,6 +118,12 @@ def test_missing_trace_is_an_error_that_says_what_to_do(capsys):
 
     assert main(["simulate"]) == 2
     assert "--trace" in capsys.readouterr().err
+    # A run's flag before a subcommand would be ignored by it: refused, naming the flag.
+    assert main(["simulate", "--seed", "5", "speed"]) == 2
+    assert "--seed belong(s) to `cadenza simulate --trace`" in capsys.readouterr().err
+    # calibrate checks where it writes and probes before a minute of profiling.
+    assert main(["simulate", "calibrate", "--disk-dir", "/nonexistent/dir"]) == 2
+    assert "--disk-dir /nonexistent/dir is not a directory" in capsys.readouterr().err
 
 
 def test_bad_settings_are_errors_that_say_what_to_fix(tmp_path, capsys):

@@ -118,8 +118,10 @@ def resolve(config: SimConfig) -> Resolved:
         calibration = load_calibration(config.calibration)
         if calibration.model != model.name:
             raise ValueError(
-                f"the CPU calibration is of {calibration.model}, not {model.name}: run"
-                f" `cadenza simulate calibrate --model {model.name}` and pass --calibration"
+                f"the CPU calibration is of {calibration.model}, not {model.name}: the cpu"
+                " cost model is this engine running the model here, and the embedded"
+                f" {calibration.model} is what it can run; price {model.name} with"
+                " --cost-model gpu (a roofline), or leave --model out"
             )
         cost = CPUCost(calibration)
         links = calibration.links().with_network(

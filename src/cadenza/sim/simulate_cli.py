@@ -10,9 +10,11 @@ CPU cost model on this machine.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from cadenza.cluster.placement import POLICY_NAMES
@@ -135,18 +137,56 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="NAME=VALUE",
         help="roofline parameter, e.g. matmul_efficiency=0.5 (repeatable)",
     )
+    run_defaults = {a.dest: a.default for a in parser._actions if a.dest != "help"}
     sub = parser.add_subparsers(dest="simulate_command", help="calibrate the cpu cost model")
     cal = sub.add_parser("calibrate", help="fit the cpu cost model to this engine here")
     cal.add_argument(
         "--out", dest="cal_out", default=None, help=f"default: {default_calibration_path()}"
     )
-    cal.add_argument("--model", dest="cal_model", default="smollm2-135m", help="the engine's model")
+    cal.add_argument(
+        "--model",
+        dest="cal_model",
+        default="smollm2-135m",
+        help="the model the engine profiles (default: %(default)s, embedded; other shapes are"
+        " priced with --cost-model gpu)",
+    )
     cal.add_argument("--num-threads", type=int, default=None, help="torch threads")
     cal.add_argument("--quick", action="store_true", help="fewer shapes (about a third)")
-    cal.add_argument("--disk-dir", default=None, help="where to probe disk bandwidth")
+    cal.add_argument(
+        "--disk-dir", default=None, help="where to probe disk bandwidth (default: the temp dir)"
+    )
     speed.add_parser(sub)  # cadenza simulate speed (sim/speed.py)
     add_reproduce_parser(sub)  # cadenza simulate reproduce NAME
     parser.set_defaults(func=run)
+    for command in sub.choices.values():
+        command.set_defaults(func=_refusing_run_flags(command.get_default("func"), run_defaults))
+
+
+def _refusing_run_flags(
+    func: Callable[[argparse.Namespace], int] | None, run_defaults: dict[str, object]
+) -> Callable[[argparse.Namespace], int]:
+    """A subcommand's entry point that first refuses the run's flags given before it
+    (``cadenza simulate --seed 5 speed``): the subcommand has its own, and would ignore them."""
+    target = func or run
+
+    @functools.wraps(target)
+    def guarded(args: argparse.Namespace) -> int:
+        given = [
+            "--" + dest.replace("_", "-")
+            for dest, default in run_defaults.items()
+            if getattr(args, dest, default) != default
+        ]
+        if given:
+            print(
+                f"cadenza simulate {args.simulate_command}: {', '.join(given)} belong(s) to"
+                f" `cadenza simulate --trace`; put the subcommand's own flags after"
+                f" {args.simulate_command!r} (see its --help)",
+                file=sys.stderr,
+            )
+            return 2
+        return target(args)
+
+    return guarded
 
 
 def _config(args: argparse.Namespace) -> SimConfig:
@@ -237,6 +277,12 @@ def _calibrate(args: argparse.Namespace) -> int:
     from cadenza.sim.calibrate import calibrate, write_calibration
 
     out = args.cal_out or default_calibration_path()
+    problem = out_file_problem(out)
+    if problem is None and args.disk_dir is not None and not Path(args.disk_dir).is_dir():
+        problem = f"--disk-dir {args.disk_dir} is not a directory"
+    if problem is not None:
+        print(f"cadenza simulate calibrate: {problem}", file=sys.stderr)
+        return 2
     calibration, machine = calibrate(
         args.cal_model, num_threads=args.num_threads, quick=args.quick, disk_dir=args.disk_dir
     )

@@ -49,7 +49,7 @@ def write_summary(out_dir: Path) -> Path:
         [
             "# Reproductions on the simulator: paper vs ours",
             "",
-            "Each row comes from `docs/benchmarks/repro-<name>.json` (simulator runs; the"
+            f"Each row comes from `{out_dir.as_posix()}/repro-<name>.json` (simulator runs; the"
             " `.md` next to it gives the command, the conditions and why the numbers differ).",
             "",
             table(["reproduction", "claim", "paper", "ours"], rows),
