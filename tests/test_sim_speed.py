@@ -166,6 +166,7 @@ def test_speed_grid_table_and_report(tmp_path):
         speed_seed=0,
         speed_sweep_requests=4,
         speed_num_blocks=512,
+        speed_block_size=16,
     )
     machine = {"cpu": "test", "cpus": 2, "python": "3", "load_average": [0.5], "niceness": 0}
     doc = speed.build_doc(args, turns, "tiny", points, machine)
@@ -199,10 +200,12 @@ def test_speed_replays_a_session_trace(tmp_path, monkeypatch):
     speed.add_arguments(parser)
     args = parser.parse_args(
         ["--trace", str(trace), "--workers", "1", "--sweep-requests", "2"]
-        + ["--requests", "4", "--no-headline", "--num-blocks", "512"]
+        + ["--requests", "4", "--no-headline", "--num-blocks", "512", "--block-size", "32"]
         + ["--out-dir", str(tmp_path), "--name", "s"]
     )
     assert args.func(args) == 0
     doc = json.loads((tmp_path / "s.json").read_text())
     assert [p["sweep"] for p in doc["points"]] == ["workers", "requests"]
     assert doc["meta"]["trace"]["turns"] == 8
+    assert doc["meta"]["settings"]["block_size"] == 32
+    assert "--block-size 32`" in (tmp_path / "s.md").read_text()

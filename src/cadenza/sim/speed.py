@@ -125,6 +125,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--seed", dest="speed_seed", metavar="N", type=int, default=0, help="simulation seed"
     )
     parser.add_argument(
+        "--block-size",
+        dest="speed_block_size",
+        metavar="N",
+        type=int,
+        default=16,
+        help="tokens per KV block (default: %(default)s, vLLM's; the cost grows with blocks)",
+    )
+    parser.add_argument(
         "--num-blocks",
         dest="speed_num_blocks",
         metavar="N",
@@ -188,6 +196,7 @@ def build_doc(
                 "model": args.speed_model,
                 "seed": args.speed_seed,
                 "num_blocks": args.speed_num_blocks,
+                "block_size": args.speed_block_size,
                 "sweep_requests": args.speed_sweep_requests,
             },
             "machine": machine_info,
@@ -202,6 +211,8 @@ def run(args: argparse.Namespace) -> int:
     from cadenza.sim.speed_report import headline_text, write_report
 
     try:
+        if args.speed_block_size <= 0:
+            raise ValueError(f"--block-size must be positive; got {args.speed_block_size}")
         turns, source = load_turns(args)
     except (FileNotFoundError, ValueError, OSError) as e:
         print(f"cadenza simulate speed: {e}", file=sys.stderr)
@@ -213,6 +224,7 @@ def run(args: argparse.Namespace) -> int:
         model=args.speed_model,
         seed=args.speed_seed,
         num_blocks=args.speed_num_blocks,
+        block_size=args.speed_block_size,
     )
     grid = Grid(
         workers=args.speed_workers,

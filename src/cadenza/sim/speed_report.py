@@ -88,7 +88,8 @@ def render_markdown(doc: Mapping[str, Any], plot_name: str | None = None) -> str
         f"Trace: {meta['trace']['source']} ({meta['trace']['turns']:,} turns,"
         f" {meta['trace']['sessions']:,} sessions). Each run replays its first N turns with"
         f" `--routing {s['routing']} --cost-model {s['cost_model']} --gpu {s['gpu']}"
-        f" --model {s['model']}` (otherwise the simulator's defaults), timed from building the"
+        f" --model {s['model']}{_block_flag(s)}` (otherwise the simulator's defaults), timed"
+        " from building the"
         " simulation to its metrics, in one process. CPU seconds are that process's user +"
         " system time; wall seconds include waiting for the CPU, so on a shared machine they"
         " are longer (the load average above says how shared).",
@@ -153,3 +154,9 @@ def write_report(doc: Mapping[str, Any], out_dir: Path, name: str) -> list[Path]
     md = out_dir / f"{name}.md"
     md.write_text(render_markdown(doc, png.name), encoding="utf-8")
     return [json_path, md, png]
+
+
+def _block_flag(settings: dict[str, Any]) -> str:
+    """`` --block-size N`` when a run used other than the default 16 (older files lack it)."""
+    size = settings.get("block_size", 16)
+    return "" if size == 16 else f" --block-size {size}"
