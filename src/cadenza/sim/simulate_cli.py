@@ -64,18 +64,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="model shape (default: smollm2-135m for cpu, llama-3.1-8b for gpu)",
     )
-    parser.add_argument(
-        "--seed",
-        type=int,
-        default=d.seed,
-        help="seed of token ids and samples (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--block-size",
-        type=int,
-        default=d.block_size,
-        help="tokens per block (default: %(default)s)",
-    )
+    for flag, kind, default, text in (
+        ("--seed", int, d.seed, "seed of token ids and samples"),
+        ("--block-size", int, d.block_size, "tokens per block"),
+        ("--host-gib", float, d.host_gib, "host KV tier GiB"),
+        ("--disk-gib", float, d.disk_gib, "disk KV tier GiB"),
+        ("--max-num-batched-tokens", int, d.max_num_batched_tokens, "step budget"),
+        ("--max-num-seqs", int, d.max_num_seqs, "running cap"),
+    ):
+        parser.add_argument(flag, type=kind, default=default, help=f"{text} (default: {default})")
     parser.add_argument(
         "--num-blocks", type=int, default=None, help="device KV blocks per worker (default: fit)"
     )
@@ -85,24 +82,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help=f"device KV pool GiB, with --cost-model cpu (default: {d.kv_cache_gib}; gpu: what"
         " the GPU holds)",
-    )
-    parser.add_argument(
-        "--host-gib", type=float, default=d.host_gib, help="host KV tier GiB (default: %(default)s)"
-    )
-    parser.add_argument(
-        "--disk-gib", type=float, default=d.disk_gib, help="disk KV tier GiB (default: %(default)s)"
-    )
-    parser.add_argument(
-        "--max-num-batched-tokens",
-        type=int,
-        default=d.max_num_batched_tokens,
-        help="step budget (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--max-num-seqs",
-        type=int,
-        default=d.max_num_seqs,
-        help="running cap (default: %(default)s)",
     )
     parser.add_argument(
         "--eviction",
