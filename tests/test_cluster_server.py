@@ -97,6 +97,10 @@ def test_cluster_endpoints_header_and_drain_under_a_live_stream(tiny_chat_source
         assert httpx.post(base + "/v1/cluster/workers/w7/drain").status_code == 404
         missing = httpx.post(base + "/v1/cluster/requests/nope/migrate")
         assert missing.status_code == 404 and "not running" in missing.json()["error"]["message"]
+        other = next(w for w in cluster.slots if w != busy)
+        last = httpx.post(base + f"/v1/cluster/workers/{other}/drain")
+        assert last.status_code == 409, last.text  # nothing would be left to serve
+        assert "last one taking work" in last.json()["error"]["message"]
         assert httpx.post(base + f"/v1/cluster/workers/{busy}/activate").json()["state"] == "alive"
 
 

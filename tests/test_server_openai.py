@@ -155,6 +155,54 @@ def test_session_header_continues_with_only_new_messages(server, client):
     assert httpx.post(server.base_url + "/v1/sessions/nope/hint", json={}).status_code == 404
 
 
+def test_session_edges_get_clear_answers(server):
+    """A purge while the session's turn streams is a 409 and the turn completes; a UTF-8
+    session id in the header names the same session as in the body; NaN times, retention
+    without a session and an over-long id in a URL are 400s that say why."""
+    base = server.base_url
+    body = {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": "Count slowly."}],
+        "max_tokens": 300,
+        "ignore_eos": True,
+        "temperature": 0,
+        "stream": True,
+        "session_id": "purge-me",
+    }
+    with httpx.stream("POST", base + "/v1/chat/completions", json=body, timeout=120) as r:
+        lines = r.iter_lines()
+        assert next(line for line in lines if line.startswith("data: {"))
+        purge = httpx.delete(base + "/v1/sessions/purge-me", params={"purge": "true"})
+        assert purge.status_code == 409, purge.text
+        assert purge.json()["error"]["code"] == "session_busy"
+        assert [line for line in lines if line.startswith("data: ")][-1] == "data: [DONE]"
+    assert httpx.get(base + "/v1/sessions/purge-me").json()["num_turns"] == 1
+    purged = httpx.delete(base + "/v1/sessions/purge-me", params={"purge": "true"})
+    assert purged.status_code == 200
+    assert httpx.get(base + "/v1/sessions/purge-me").status_code == 404
+
+    short = {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "max_tokens": 1}
+    url = base + "/v1/chat/completions"
+    by_header = httpx.post(url, json=short, headers={"X-Session-Id": "café".encode()})
+    assert by_header.status_code == 200, by_header.text
+    assert httpx.get(base + "/v1/sessions/café").json()["num_turns"] == 1
+    assert httpx.post(url, json={**short, "session_id": "café"}).status_code == 200
+    assert httpx.get(base + "/v1/sessions/café").json()["num_turns"] == 2
+    latin = httpx.post(url, json=short, headers={"X-Session-Id": b"caf\xe9"})
+    assert latin.status_code == 400 and "not UTF-8" in latin.text
+
+    nan = httpx.post(
+        base + "/v1/sessions/café/hint",
+        content=b'{"expected_arrival_s": NaN}',
+        headers={"content-type": "application/json"},
+    )
+    assert nan.status_code == 400 and "finite" in nan.text, nan.text
+    kept = httpx.post(url, json={**short, "retention": {"ttl_s": 5}})
+    assert kept.status_code == 400 and "retention keeps a session's KV" in kept.text
+    long_id = httpx.get(base + "/v1/sessions/" + "s" * 300)
+    assert long_id.status_code == 400 and "1 to 256 characters" in long_id.text
+
+
 def test_session_ids_that_could_not_be_addressed_again_are_refused(server, client):
     """A session id is addressed later as /v1/sessions/{id}: one with '/' (or a control
     character, or over 256 characters) is a 400, as is a header and a body field naming two

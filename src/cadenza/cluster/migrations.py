@@ -260,6 +260,9 @@ class Migrations:
         start = router.clock()
         if src == dst:
             return {"request_id": request_id, "migrated": False, "error": "already there"}
+        if router.slots[dst].state != "alive":
+            error = f"worker {dst!r} is {router.slots[dst].state}: it takes no work"
+            return {"request_id": request_id, "migrated": False, "error": error}
         if not transfer:
             return await self._reprefill(stream, src, dst, kind, start)
         # Pre-copy while it keeps decoding: each round moves the blocks the previous left.

@@ -537,6 +537,12 @@ class ClusterEngine:
         slot = self.slots[worker_id]
         if not slot.alive:
             raise ValueError(f"worker {worker_id!r} is {slot.state}")
+        others = [s.worker_id for s in self.slots.values() if s.state == "alive" and s is not slot]
+        if slot.state == "alive" and not others:
+            raise ValueError(
+                f"worker {worker_id!r} is the last one taking work: draining it would leave"
+                " nothing to serve requests; activate another worker first"
+            )
         slot.state = "draining"
         moved, failed = 0, 0
         for request_id in list(slot.requests):

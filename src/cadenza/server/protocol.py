@@ -83,7 +83,7 @@ class StreamOptions(_Body):
 
 
 class RetentionBody(_Body):
-    ttl_s: float = Field(0.0, ge=0, le=86400)
+    ttl_s: float = Field(0.0, ge=0, le=86400, allow_inf_nan=False)
     priority: int = Field(0, ge=-1000, le=1000)
 
 
@@ -164,6 +164,6 @@ class CompletionRequest(_SamplingFields):
 
 
 class HintRequest(_Body):
-    expected_arrival_s: float | None = Field(None, ge=0, le=86400)
-    ttl_s: float | None = Field(None, ge=0, le=86400)
+    expected_arrival_s: float | None = Field(None, ge=0, le=86400, allow_inf_nan=False)
+    ttl_s: float | None = Field(None, ge=0, le=86400, allow_inf_nan=False)
     priority: int = Field(0, ge=-1000, le=1000)

@@ -64,6 +64,13 @@ def session_id_of(request: Request, field: str | None) -> str | None:
     only if they agree). A session id must be usable in ``/v1/sessions/{id}`` afterwards, so
     it has no '/' and no control character."""
     header = request.headers.get("x-session-id")
+    if header is not None:
+        try:  # HTTP headers arrive as bytes, which Starlette decodes as latin-1
+            header = header.encode("latin-1").decode("utf-8")
+        except UnicodeError:
+            raise APIError(
+                400, "the X-Session-Id header is not UTF-8 text", param="session_id"
+            ) from None
     if header is not None and field is not None and header != field:
         raise APIError(
             400,
@@ -92,6 +99,13 @@ def chat_request(
     """The engine request of a chat completion: a session's next turn (begun in the store
     here), or the whole conversation with this server's replies spliced in as exact ids."""
     messages = [m.as_template_message() for m in body.messages]
+    if session_id is None and body.retention is not None:
+        raise APIError(
+            400,
+            "retention keeps a session's KV after its turn: send X-Session-Id or session_id"
+            " with it",
+            param="retention",
+        )
     if session_id is None:
         prompt = conversation_token_ids(
             state.sessions.manager, messages, state.memory, tenant, tools

@@ -10,6 +10,7 @@ from cadenza.engine_api import EndSession, HintSession
 from cadenza.server.errors import APIError
 from cadenza.server.protocol import HintRequest
 from cadenza.server.state import ServerState, get_state, scoped_session, tenant_of
+from cadenza.session.ids import session_id_problem
 from cadenza.session.store import SessionRecord, TenantMismatchError
 
 router = APIRouter()
@@ -20,7 +21,10 @@ def _not_found(session_id: str) -> APIError:
 
 
 def _owned(state: ServerState, tenant: str, session_id: str) -> SessionRecord:
-    """The caller's session record; 404 if there is none."""
+    """The caller's session record; 404 if there is none (400 for an id no session has)."""
+    problem = session_id_problem(session_id)
+    if problem is not None:
+        raise APIError(400, problem, param="session_id")
     sid = scoped_session(tenant, session_id)
     try:
         record = state.sessions.store.get_session(sid, tenant=tenant)
@@ -74,14 +78,30 @@ async def end_session(
             param="session_id",
             code="session_in_use",
         )
+    if purge:
+        _refuse_purge_mid_turn(state, session_id, sid)
     await state.engine.call(EndSession(sid, tuple(state.sessions.history(sid)), tenant or None))
     if purge:
+        _refuse_purge_mid_turn(state, session_id, sid)  # a turn may have begun meanwhile
         state.sessions.store.delete_session(sid, tenant=tenant)
     return {
         "id": session_id,
         "object": "session.deleted" if purge else "session.ended",
         "deleted": purge,
     }
+
+
+def _refuse_purge_mid_turn(state: ServerState, session_id: str, sid: str) -> None:
+    """Deleting the history of a turn in flight would leave it nowhere to land: 409, as for
+    two turns at once."""
+    if state.sessions.store.pending_turn(sid):
+        raise APIError(
+            409,
+            f"session {session_id!r} has a turn in progress; purge it once the turn is done"
+            " (or end it without purge now)",
+            param="session_id",
+            code="session_busy",
+        )
 
 
 @router.get("/v1/sessions/{session_id}")
