@@ -85,9 +85,11 @@ def test_one_engine_replays_the_trace_with_the_simulators_schema(source):
     assert metrics["cached_tokens_by_tier"]["device"] == metrics["tokens"]["cached"]
     assert set(metrics["workers"]) == {"w0"}
     assert metrics["workers"]["w0"]["turns"] == len(turns)
-    # The same keys as the simulator's metrics of the same trace.
+    # The same keys as the simulator's metrics of the same trace, and per worker the same
+    # counters but the simulator's own clock (the time its copies held a step up).
     predicted = simulate(SimConfig(num_blocks=64, routing="symphony"), turns)
     assert sim_keys(metrics) == sim_keys(predicted)
+    assert set(predicted["workers"]["w0"]) - set(metrics["workers"]["w0"]) == {"sync_copy_s"}
     json.loads(dumps_metrics(metrics))
 
 

@@ -162,6 +162,7 @@ async def _replay(
             "turns": turns_by_worker.get(worker_id, 0),
             "steps": observed.steps.get(worker_id, 0),
             "busy_s": observed.busy_s.get(worker_id, 0.0),
+            "preemptions": s.load.num_preemptions,
             "offloaded_blocks": tiers["offloaded_blocks"],
             "persisted_blocks": tiers["persisted_blocks"],
             "fetched_blocks": sum(tiers["fetched_blocks"].values()),
