@@ -72,16 +72,7 @@ class TraceReplayConfig:
             raise ValueError(f"cluster backend must be one of {', '.join(BACKENDS)}")
         if self.host_gib < 0 or self.disk_gib < 0:
             raise ValueError("host_gib and disk_gib must not be negative")
-        # The simulator's checks of the settings both have (a replay is predicted by one).
-        for name in ("block_size", "max_num_batched_tokens", "max_num_seqs"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be positive; got {getattr(self, name)}")
-        if self.num_blocks is not None and self.num_blocks <= 0:
-            raise ValueError(f"num_blocks must be positive; got {self.num_blocks}")
-        if not self.kv_cache_gib > 0:
-            raise ValueError(f"kv_cache_gib must be positive; got {self.kv_cache_gib}")
-        if self.retention_ttl_s < 0:
-            raise ValueError(f"retention_ttl_s must not be negative; got {self.retention_ttl_s}")
+        sim_config(self, None)  # the simulator's checks of every setting both have
 
     def describe(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

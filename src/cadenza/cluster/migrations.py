@@ -252,17 +252,16 @@ class Migrations:
         if dst is None:
             candidates = [v for v in router.views((src,)) if v.accepting]
             if not candidates:
-                return {"request_id": request_id, "migrated": False, "error": "no destination"}
+                return _refused(request_id, "no other worker is taking work")
             dst = router.policy.least_loaded(candidates).worker_id
         request = stream.request
         sid = request.session_id or request_id
         salt = request.cache_salt
         start = router.clock()
         if src == dst:
-            return {"request_id": request_id, "migrated": False, "error": "already there"}
+            return _refused(request_id, f"request {request_id!r} already runs on {dst!r}")
         if router.slots[dst].state != "alive":
-            error = f"worker {dst!r} is {router.slots[dst].state}: it takes no work"
-            return {"request_id": request_id, "migrated": False, "error": error}
+            return _refused(request_id, f"worker {dst!r} is {router.slots[dst].state}")
         if not transfer:
             return await self._reprefill(stream, src, dst, kind, start)
         # Pre-copy while it keeps decoding: each round moves the blocks the previous left.
@@ -338,3 +337,9 @@ class Migrations:
             "tokens_at_stop": len(tokens),
             "elapsed_s": router.clock() - start,
         }
+
+
+def _refused(request_id: str, why: str) -> dict[str, Any]:
+    """A migration not attempted because where it would go cannot take it (the server
+    answers 409 with ``why``)."""
+    return {"request_id": request_id, "migrated": False, "error": why, "refused": True}

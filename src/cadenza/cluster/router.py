@@ -537,8 +537,8 @@ class ClusterEngine:
         slot = self.slots[worker_id]
         if not slot.alive:
             raise ValueError(f"worker {worker_id!r} is {slot.state}")
-        others = [s.worker_id for s in self.slots.values() if s.state == "alive" and s is not slot]
-        if slot.state == "alive" and not others:
+        others = (s for s in self.slots.values() if s is not slot)
+        if slot.state == "alive" and not any(s.state == "alive" for s in others):
             raise ValueError(
                 f"worker {worker_id!r} is the last one taking work: draining it would leave"
                 " nothing to serve requests; activate another worker first"

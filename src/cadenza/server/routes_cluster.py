@@ -95,13 +95,8 @@ async def migrate_request(
     if to is not None:
         _worker_or_404(cluster, to)
     result = await cluster.migrate_request(request_id, to)
-    error = None if result.get("migrated") else result.get("error")
-    if error == "not running":
+    if not result.get("migrated") and result.get("error") == "not running":
         raise APIError(404, f"request {request_id!r} is not running", param="request_id")
-    if error in ("already there", "no destination") or (error and "takes no work" in error):
-        where = {
-            "already there": f"request {request_id!r} already runs on {to!r}",
-            "no destination": "no other worker is taking work",
-        }.get(error, error)
-        raise APIError(409, f"cannot migrate: {where}", param="to")
+    if result.get("refused"):
+        raise APIError(409, f"cannot migrate: {result['error']}", param="to")
     return result

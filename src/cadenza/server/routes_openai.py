@@ -31,10 +31,7 @@ from cadenza.server import openai_format as fmt
 from cadenza.server.chat_prompt import conversation_token_ids, reply_key
 from cadenza.server.engine_stream import chain, collect, sse_headers, start_stream
 from cadenza.server.errors import APIError
-from cadenza.server.protocol import (
-    ChatCompletionRequest,
-    CompletionRequest,
-)
+from cadenza.server.protocol import ChatCompletionRequest, CompletionRequest
 from cadenza.server.state import ServerState, get_state, scoped_session, tenant_of
 from cadenza.server.tool_requests import chat_response_format, constrained, tool_context
 from cadenza.server.tool_retention import retain_through_tool_calls

@@ -16,7 +16,7 @@ and ``decode_pair_s`` None (decode pairs then cost ``attention_pair_s``, as that
 from __future__ import annotations
 
 import json
-from dataclasses import MISSING, asdict, dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -97,22 +97,13 @@ def load_calibration(path: str | Path | None) -> CPUCalibration:
         data = json.loads(Path(path).read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ValueError(f"calibration {path}: not a calibration JSON file ({e}); {remedy}") from e
-    missing = sorted(
-        name
-        for name, f in CPUCalibration.__dataclass_fields__.items()
-        if f.default is MISSING
-        and f.default_factory is MISSING  # type: ignore[misc]
-        and not (isinstance(data, dict) and name in data)
-    )
-    if not isinstance(data, dict) or missing:
-        raise ValueError(
-            f"calibration {path}: not a calibration (missing {', '.join(missing) or 'fields'});"
-            f" {remedy}"
-        )
     try:
+        if not isinstance(data, dict):
+            raise TypeError(f"missing every field: the file holds a {type(data).__name__}")
         return CPUCalibration.from_json(data)
-    except TypeError as e:
-        raise ValueError(f"calibration {path}: {e}; {remedy}") from e
+    except TypeError as e:  # "...__init__() missing 8 required positional arguments: ..."
+        why = str(e).partition("() ")[2] or str(e)
+        raise ValueError(f"calibration {path}: not a calibration ({why}); {remedy}") from e
 
 
 class CPUCost:

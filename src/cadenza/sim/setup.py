@@ -59,8 +59,9 @@ class SimConfig:
             raise ValueError(f"cost model must be one of {', '.join(COST_MODELS)}")
         if self.host_gib < 0 or self.disk_gib < 0:
             raise ValueError("host_gib and disk_gib must not be negative")
-        if self.block_size <= 0:
-            raise ValueError(f"block_size must be positive; got {self.block_size}")
+        for name in ("block_size", "max_num_batched_tokens", "max_num_seqs"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive; got {getattr(self, name)}")
         if self.num_blocks is not None and self.num_blocks <= 0:
             raise ValueError(
                 f"num_blocks must be positive (or left out: what memory holds); got"
