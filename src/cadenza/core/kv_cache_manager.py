@@ -102,6 +102,11 @@ class KVCacheManager:
     def blocks_of(self, request_id: str) -> list[KVBlock]:
         return self._blocks.get(request_id, [])
 
+    def num_slots(self, request: Request) -> int:
+        """Token slots the request's blocks hold."""
+        blocks = self._blocks.get(request.request_id)
+        return len(blocks) * self.block_size if blocks else 0
+
     def block_ids_of(self, request_id: str) -> list[int]:
         return [b.block_id for b in self._blocks.get(request_id, ())]
 

@@ -25,7 +25,13 @@ class RequestStatus(enum.Enum):
 
     @property
     def is_finished(self) -> bool:
-        return self.value in ("stop", "length", "abort")
+        return self._finished  # type: ignore[attr-defined,no-any-return]
+
+
+# Read on every request of every step: a plain attribute, not a test of ``value`` (which goes
+# through the enum's descriptor each time).
+for _status in RequestStatus:
+    _status._finished = _status.value in ("stop", "length", "abort")  # type: ignore[attr-defined]
 
 
 @dataclass(eq=False)

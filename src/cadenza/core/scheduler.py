@@ -72,7 +72,11 @@ class ScheduledChunk:
 
     @property
     def num_tokens(self) -> int:
-        return sum(end - start for start, end in self.segments)
+        segments = self.segments
+        if len(segments) == 1:
+            start, end = segments[0]
+            return end - start
+        return sum(end - start for start, end in segments)
 
 
 @dataclass
@@ -173,6 +177,13 @@ class Scheduler:
 
     # ------------------------------------------------------------------------ one step
     def schedule(self) -> SchedulerOutput:
+        if not self.waiting:
+            plain = self._plain_decode_plan()
+            if plain is not None:
+                return plain
+        return self._schedule_general()
+
+    def _schedule_general(self) -> SchedulerOutput:
         out = SchedulerOutput()
         budget = self.config.max_num_batched_tokens
         scheduled: dict[str, ScheduledChunk] = {}
@@ -204,6 +215,59 @@ class Scheduler:
         if not out.preempted:
             self._admit(out, budget)
         return out
+
+    # ------------------------------------------------------------------ plain decodes
+    def _plain_decode_plan(self) -> SchedulerOutput | None:
+        """The plan of a plain decode step, or None if the next step is not one.
+
+        A step is a plain decode when nothing waits and every running request computes only
+        its newest token, in a slot it already holds. The general pass then gives exactly this
+        plan (one token each within the budget, no allocation, no preemption, nothing to
+        admit); built directly it costs a fraction of that pass, and most steps of a long
+        simulation are such steps."""
+        running = self.running
+        if not running or len(running) > self.config.max_num_batched_tokens:
+            return None
+        held = self.kv.num_slots
+        chunks = []
+        for request in running:
+            n = len(request.all_token_ids)
+            if request.num_computed_tokens != n - 1 or request.skips or held(request) < n:
+                return None
+            chunks.append(ScheduledChunk(request, [(n - 1, n)], True))
+        return SchedulerOutput(chunks)
+
+    def plain_decode_steps(self) -> int:
+        """How many of the next steps are certain to be plain decodes (``_plain_decode_plan``)
+        of the same requests in which none finishes, whatever copies land meanwhile: 0 when
+        the next step is not one. A step that needs a fresh block, or may end a request, is
+        not counted. Requests that could stop on a sampled token (stop ids, or EOS not
+        ignored) make it 0: their ends are not known ahead. The simulator uses this to step
+        a worker through such a stretch in one event."""
+        running = self.running
+        if self.waiting or not running or len(running) > self.config.max_num_batched_tokens:
+            return 0
+        held = self.kv.num_slots
+        steps = None
+        for request in running:
+            n = len(request.all_token_ids)
+            params = request.sampling_params
+            if (
+                n < 2
+                or request.num_computed_tokens != n - 1
+                or request.skips
+                or request.status is not RequestStatus.RUNNING
+                or params.stop_token_ids
+                or (not params.ignore_eos and request.eos_token_ids)
+            ):
+                return 0
+            # Step i (from 0) computes the token at n - 1 + i, into a slot held (n - 1 + i <
+            # held), and appends token n + i; the step that appends its last one ends it.
+            left = min(held(request) - n + 1, request.max_total_tokens - n - 1)
+            if params.max_tokens is not None:
+                left = min(left, params.max_tokens - len(request.output_token_ids) - 1)
+            steps = left if steps is None else min(steps, left)
+        return max(steps or 0, 0)
 
     def _admit(self, out: SchedulerOutput, budget: int) -> None:
         # Requests waiting for a fetch that later requests have gone ahead of in this pass.

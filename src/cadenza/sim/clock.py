@@ -30,22 +30,32 @@ class WorkerClock:
 
 
 class EventQueue:
+    """Events in time order (ties in the order they were scheduled). ``before_event``, if
+    set, is called with an event's time before every event that is not a worker waking to
+    step (``at(..., wake=True)``): the simulator brings workers stepping through a stretch of
+    plain decodes up to that time there, so that the event sees them as if they had stepped
+    one event at a time."""
+
     def __init__(self) -> None:
         self.now = 0.0
-        self._heap: list[tuple[float, int, Callable[[], None]]] = []
+        self._heap: list[tuple[float, int, Callable[[], None], bool]] = []
         self._seq = 0
         self.num_events = 0
+        self.before_event: Callable[[float], None] | None = None
 
-    def at(self, t: float, action: Callable[[], None]) -> None:
+    def at(self, t: float, action: Callable[[], None], *, wake: bool = False) -> None:
         """Run ``action`` at virtual time ``t`` (not before the current time)."""
         self._seq += 1
-        heapq.heappush(self._heap, (max(t, self.now), self._seq, action))
+        heapq.heappush(self._heap, (max(t, self.now), self._seq, action, wake))
 
     def run(self) -> None:
-        while self._heap:
-            t, _, action = heapq.heappop(self._heap)
+        heap, pop = self._heap, heapq.heappop
+        while heap:
+            t, _, action, wake = pop(heap)
             self.now = t
             self.num_events += 1
+            if not wake and self.before_event is not None:
+                self.before_event(t)
             action()
 
     def __len__(self) -> int:

@@ -65,14 +65,16 @@ class CostModelExecutor:
         self.num_steps += 1
         self.last_step_s = seconds
         sampled: dict[str, SampledToken] = {}
+        keys, vocab_size = self._keys, self.vocab_size
         for chunk in out.chunks:
             if chunk.samples:
-                rid = chunk.request.request_id
-                key = self._keys.get(rid)
+                request = chunk.request
+                rid = request.request_id
+                key = keys.get(rid)
                 if key is None:
-                    key = self._keys[rid] = request_key(self.seed, rid)
-                if chunk.request.num_tokens + 1 >= chunk.request.max_total_tokens:
-                    self._keys.pop(rid, None)  # its last token: forget the key
-                token = sampled_token(key, chunk.request.num_tokens, self.vocab_size)
-                sampled[rid] = SampledToken(token)
+                    key = keys[rid] = request_key(self.seed, rid)
+                position = len(request.all_token_ids)
+                if position + 1 >= request.max_total_tokens:
+                    keys.pop(rid, None)  # its last token: forget the key
+                sampled[rid] = SampledToken(sampled_token(key, position, vocab_size))
         return sampled

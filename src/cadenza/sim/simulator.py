@@ -7,6 +7,15 @@ whose executor advances that worker's clock by the modelled step time, and the w
 again at the step's end. An idle worker with copies in flight wakes when the next one lands; a
 worker with nothing to do sleeps until an event hands it work. Routing decisions see each
 worker's state as of its last step. The same trace, settings and seed give the same run.
+
+Most steps of a long run are plain decodes (``Scheduler.plain_decode_steps``): the same
+requests each compute one token in a slot they hold, and none can finish. A worker entering
+such a stretch prices its steps ahead (they depend on nothing outside the worker), wakes once
+at its end, and takes them then, each one a real ``EngineCore.step``. Any other event first
+brings every worker through the planned steps that start before it (``_catch_up``), and one
+that hands a worker work (``kick``) drops the rest of its plan: each event sees every worker
+exactly as stepping one event at a time would leave it, and the run is the same, with far
+fewer events (``batch_decodes=False`` steps one event at a time; a test compares the two).
 """
 
 from __future__ import annotations
@@ -21,7 +30,7 @@ from cadenza.sim.clock import EventQueue
 from cadenza.sim.metrics import build_metrics
 from cadenza.sim.setup import SimConfig, resolve
 from cadenza.sim.sim_router import SimRouter
-from cadenza.sim.step_cost import recompute_cost_model
+from cadenza.sim.step_cost import decode_shape, recompute_cost_model
 from cadenza.sim.trace import TraceTurn
 from cadenza.sim.worker import SimWorker
 
@@ -29,15 +38,23 @@ from cadenza.sim.worker import SimWorker
 # copy is in flight) tries again this much later, so virtual time always moves.
 IDLE_RETRY_S = 1e-3
 
+# A stretch of plain decodes shorter than this is stepped one event at a time.
+MIN_PLANNED_STEPS = 2
+
 
 class Simulation:
-    def __init__(self, config: SimConfig, turns: Sequence[TraceTurn]) -> None:
+    def __init__(
+        self, config: SimConfig, turns: Sequence[TraceTurn], *, batch_decodes: bool = True
+    ) -> None:
         self.config = config
         self.turns = list(turns)
         resolved = resolve(config)
         self.details = resolved.details
         eviction_cost = recompute_cost_model(resolved.cost, resolved.spec.max_model_len)
         self.events = EventQueue()
+        self.batch_decodes = batch_decodes
+        if batch_decodes:
+            self.events.before_event = self._catch_up
         self.workers = [
             SimWorker(f"w{i}", resolved.spec, resolved.cost, eviction_cost)
             for i in range(config.workers)
@@ -89,6 +106,11 @@ class Simulation:
 
     def kick(self, worker: SimWorker, *, retry: bool = False) -> None:
         """Make sure ``worker`` wakes when it next has something to do."""
+        if worker.planned:
+            # Work arrived (or KV landed) in a planned stretch: its remaining steps may no
+            # longer be plain decodes. It steps again from where ``_catch_up`` left it.
+            worker.planned.clear()
+            worker.wake_at = None
         if worker.core.has_unfinished_requests():
             at = max(worker.clock.now, self.events.now) + (IDLE_RETRY_S if retry else 0.0)
         else:
@@ -98,22 +120,70 @@ class Simulation:
             at = max(done, self.events.now)
         if worker.wake_at is not None and worker.wake_at <= at:
             return
+        self._wake_at(worker, at)
+
+    def _wake_at(self, worker: SimWorker, at: float) -> None:
         worker.wake_token += 1
         worker.wake_at = at
         token = worker.wake_token
-        self.events.at(at, lambda: self._wake(worker, token))
+        self.events.at(at, lambda: self._wake(worker, token), wake=True)
 
     def _wake(self, worker: SimWorker, token: int) -> None:
         if token != worker.wake_token:
             return  # superseded by an earlier wake-up
         worker.wake_at = None
+        if worker.planned:
+            self._step_planned(worker, None)
         worker.clock.sync(self.events.now)
         before = worker.clock.now
         result = worker.core.step()
         now = worker.clock.now
         for request, _ in result.updated:
             self.client.on_token(request, now)
+        if self.batch_decodes and self._plan(worker):
+            return
         self.kick(worker, retry=result.is_idle and now == before)
+
+    # ------------------------------------------------------------------ planned decodes
+    def _plan(self, worker: SimWorker) -> bool:
+        """If the worker's next steps are plain decodes, price them, remember when each
+        starts, and wake it at the end of the last; returns whether it did."""
+        sched = worker.core.scheduler
+        steps = sched.plain_decode_steps()
+        if steps < MIN_PLANNED_STEPS:
+            return False
+        running = sched.running
+        seqs = len(running)
+        context = sum(len(r.all_token_ids) for r in running)
+        price = worker.executor.cost.step_seconds
+        t = worker.clock.now
+        starts = worker.planned
+        for _ in range(steps):
+            starts.append(t)
+            t += price(decode_shape(seqs, context))
+            context += seqs
+        starts.reverse()  # taken from the end
+        self._wake_at(worker, t)
+        return True
+
+    def _step_planned(self, worker: SimWorker, until: float | None) -> None:
+        """Take the worker's planned steps that start before ``until`` (all of them: None)."""
+        starts, clock, core = worker.planned, worker.clock, worker.core
+        on_token = self.client.on_token
+        while starts and (until is None or starts[-1] < until):
+            if clock.now != starts.pop():
+                raise RuntimeError(f"{worker.worker_id}: a planned decode step was mispriced")
+            result = core.step()
+            now = clock.now
+            for request, _ in result.updated:
+                on_token(request, now)
+
+    def _catch_up(self, t: float) -> None:
+        """Before an event at ``t`` that is not a worker's own step: every worker takes the
+        planned steps that start before ``t``, as it would have one event at a time."""
+        for worker in self.workers:
+            if worker.planned and worker.planned[-1] < t:
+                self._step_planned(worker, t)
 
     # ------------------------------------------------------------------ results
     def metrics(self) -> dict[str, Any]:

@@ -99,7 +99,10 @@ def render_markdown(doc: Mapping[str, Any], plot_name: str | None = None) -> str
         "The worker sweep replays the same slice on more workers (more engines, each less"
         " loaded); the request sweep replays longer slices on 16 workers. The cost is about"
         " proportional to engine steps (each is one real `EngineCore.step`), which grow with the"
-        " simulated time each worker is busy.",
+        " simulated time each worker is busy. Events are fewer than steps: a worker takes a"
+        " stretch of plain decode steps (the same requests, one token each, none finishing) in"
+        " one event, priced ahead, and any other event first brings every worker up to its"
+        " time, so the run is the same as one event per step (a test compares the two).",
     ]
     if plot_name:
         lines += ["", f"![simulation time against workers and requests]({plot_name})"]

@@ -40,17 +40,31 @@ def causal_pairs(start: int, end: int) -> int:
 def step_shape(plan: SchedulerOutput) -> StepShape:
     tokens = decode = pairs = context = sampled = decode_pairs = 0
     for chunk in plan.chunks:
-        n = chunk.num_tokens
+        segments = chunk.segments
+        end = segments[-1][1]
+        if len(segments) == 1:
+            n = end - segments[0][0]
+            pairs += n * (2 * end - n + 1) // 2  # causal_pairs(end - n, end)
+        else:
+            n = chunk.num_tokens
+            for start, stop in segments:
+                pairs += causal_pairs(start, stop)
         tokens += n
-        end = chunk.segments[-1][1]
         if n == 1 and chunk.samples and end > 1:
             decode += 1
             decode_pairs += end  # causal_pairs(end - 1, end)
-        for start, stop in chunk.segments:
-            pairs += causal_pairs(start, stop)
         context += end
         sampled += chunk.samples
     return StepShape(tokens, decode, len(plan.chunks), pairs, context, sampled, decode_pairs)
+
+
+def decode_shape(num_seqs: int, context_tokens: int) -> StepShape:
+    """A plain decode step: ``num_seqs`` sequences (each at least 2 tokens long) computing
+    their newest token, over ``context_tokens`` positions in all (the sum of their lengths):
+    what ``step_shape`` gives for that plan."""
+    return StepShape(
+        num_seqs, num_seqs, num_seqs, context_tokens, context_tokens, num_seqs, context_tokens
+    )
 
 
 class StepCost(Protocol):

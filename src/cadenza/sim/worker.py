@@ -124,6 +124,8 @@ class SimWorker:
         # that invalidates a superseded wake-up.
         self.wake_at: float | None = None
         self.wake_token = 0
+        # Start times of planned plain decode steps not taken yet, latest first.
+        self.planned: list[float] = []
         self.turns = 0
 
     def view(self) -> WorkerView:
