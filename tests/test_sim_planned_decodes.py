@@ -53,6 +53,17 @@ def agent_sessions(seed: int, sessions: int = 20) -> list[TraceTurn]:
     return turns
 
 
+def twin_sessions(seed: int, pairs: int = 8) -> list[TraceTurn]:
+    """Sessions in identical pairs, arriving together: on two workers under round-robin they
+    step in lockstep, so one worker's events fall at exactly the times the other's steps
+    start (where the order of events at equal times decides what each event sees)."""
+    turns = []
+    for turn in agent_sessions(seed, pairs):
+        turns.append(turn)
+        turns.append(dataclasses.replace(turn, session_id=turn.session_id + "-twin"))
+    return turns
+
+
 def cpu_calibration(tmp_path) -> str:
     cal = CPUCalibration("smollm2-135m", 4e-3, 1.2e-3, 2e-3, 1e-8, 5e9, 1e9, 0.5e9)
     path = tmp_path / "cal.json"
@@ -75,6 +86,7 @@ CONFIGS = {
         disk_gib=4.0,
         retention_ttl_s=2.0,
     ),
+    "gpu-round-robin-twins": dict(workers=2, routing="round-robin", cost_model="gpu"),
     "gpu-kv-aware-64": dict(
         workers=4, cost_model="gpu", model="llama-3.1-8b", block_size=64, num_blocks=60
     ),
@@ -94,7 +106,7 @@ def test_planned_decodes_change_nothing_but_the_number_of_events(tmp_path, name)
     if settings.get("cost_model", "cpu") == "cpu":
         settings["calibration"] = cpu_calibration(tmp_path)
     config = SimConfig(**settings)
-    turns = agent_sessions(seed=len(name))
+    turns = twin_sessions(seed=3) if "twins" in name else agent_sessions(seed=len(name))
     one_by_one, expected = run(config, turns, batch=False)
     planned, got = run(config, turns, batch=True)
     assert got == expected

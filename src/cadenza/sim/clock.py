@@ -30,32 +30,44 @@ class WorkerClock:
 
 
 class EventQueue:
-    """Events in time order (ties in the order they were scheduled). ``before_event``, if
-    set, is called with an event's time before every event that is not a worker waking to
-    step (``at(..., wake=True)``): the simulator brings workers stepping through a stretch of
-    plain decodes up to that time there, so that the event sees them as if they had stepped
-    one event at a time."""
+    """Events in time order; at equal times, in the order they were scheduled: by the time
+    they were scheduled at, then by the order of scheduling (the same order, since events are
+    scheduled as time goes on, except for a stand-in that says when its original would have
+    been scheduled: ``at(..., scheduled_at=)``).
+
+    ``before_event``, if set, is called with an event's time and the time it was scheduled at
+    before every event that is not a worker waking to step (``at(..., wake=True)``): the
+    simulator brings workers stepping through a stretch of plain decodes up to that point
+    there, so that the event sees them as if they had stepped one event at a time."""
 
     def __init__(self) -> None:
         self.now = 0.0
-        self._heap: list[tuple[float, int, Callable[[], None], bool]] = []
+        self._heap: list[tuple[float, float, int, Callable[[], None], bool]] = []
         self._seq = 0
         self.num_events = 0
-        self.before_event: Callable[[float], None] | None = None
+        self.before_event: Callable[[float, float], None] | None = None
 
-    def at(self, t: float, action: Callable[[], None], *, wake: bool = False) -> None:
+    def at(
+        self,
+        t: float,
+        action: Callable[[], None],
+        *,
+        wake: bool = False,
+        scheduled_at: float | None = None,
+    ) -> None:
         """Run ``action`` at virtual time ``t`` (not before the current time)."""
         self._seq += 1
-        heapq.heappush(self._heap, (max(t, self.now), self._seq, action, wake))
+        when = self.now if scheduled_at is None else scheduled_at
+        heapq.heappush(self._heap, (max(t, self.now), when, self._seq, action, wake))
 
     def run(self) -> None:
         heap, pop = self._heap, heapq.heappop
         while heap:
-            t, _, action, wake = pop(heap)
+            t, scheduled_at, _, action, wake = pop(heap)
             self.now = t
             self.num_events += 1
             if not wake and self.before_event is not None:
-                self.before_event(t)
+                self.before_event(t, scheduled_at)
             action()
 
     def __len__(self) -> int:

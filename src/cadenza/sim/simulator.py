@@ -106,11 +106,14 @@ class Simulation:
 
     def kick(self, worker: SimWorker, *, retry: bool = False) -> None:
         """Make sure ``worker`` wakes when it next has something to do."""
+        scheduled_at = None
         if worker.planned:
             # Work arrived (or KV landed) in a planned stretch: its remaining steps may no
-            # longer be plain decodes. It steps again from where ``_catch_up`` left it.
+            # longer be plain decodes. It steps again from where ``_catch_up`` left it, woken
+            # as one event at a time would have scheduled that step.
             worker.planned.clear()
             worker.wake_at = None
+            scheduled_at = worker.planned_scheduled_at
         if worker.core.has_unfinished_requests():
             at = max(worker.clock.now, self.events.now) + (IDLE_RETRY_S if retry else 0.0)
         else:
@@ -120,13 +123,13 @@ class Simulation:
             at = max(done, self.events.now)
         if worker.wake_at is not None and worker.wake_at <= at:
             return
-        self._wake_at(worker, at)
+        self._wake_at(worker, at, scheduled_at if at == worker.clock.now else None)
 
-    def _wake_at(self, worker: SimWorker, at: float) -> None:
+    def _wake_at(self, worker: SimWorker, at: float, scheduled_at: float | None = None) -> None:
         worker.wake_token += 1
         worker.wake_at = at
         token = worker.wake_token
-        self.events.at(at, lambda: self._wake(worker, token), wake=True)
+        self.events.at(at, lambda: self._wake(worker, token), wake=True, scheduled_at=scheduled_at)
 
     def _wake(self, worker: SimWorker, token: int) -> None:
         if token != worker.wake_token:
@@ -147,7 +150,12 @@ class Simulation:
     # ------------------------------------------------------------------ planned decodes
     def _plan(self, worker: SimWorker) -> bool:
         """If the worker's next steps are plain decodes, price them, remember when each
-        starts, and wake it at the end of the last; returns whether it did."""
+        starts, and wake it at the end of the last; returns whether it did.
+
+        One event at a time, each step's wake-up would be scheduled at the start of the step
+        before it (the first one's now). That decides its place among other events at the
+        same time, so it is kept: ``_catch_up`` compares it, and the wake-up at the end
+        stands in for the one the last planned step would have scheduled."""
         sched = worker.core.scheduler
         steps = sched.plain_decode_steps()
         if steps < MIN_PLANNED_STEPS:
@@ -162,28 +170,38 @@ class Simulation:
             starts.append(t)
             t += price(decode_shape(seqs, context))
             context += seqs
+        last = starts[-1]
         starts.reverse()  # taken from the end
-        self._wake_at(worker, t)
+        worker.planned_scheduled_at = self.events.now
+        self._wake_at(worker, t, scheduled_at=last)
         return True
 
-    def _step_planned(self, worker: SimWorker, until: float | None) -> None:
-        """Take the worker's planned steps that start before ``until`` (all of them: None)."""
+    def _step_planned(
+        self, worker: SimWorker, until: float | None, scheduled_at: float = 0.0
+    ) -> None:
+        """Take the worker's planned steps that would have run before an event at ``until``
+        scheduled at ``scheduled_at`` (all of them: None)."""
         starts, clock, core = worker.planned, worker.clock, worker.core
         on_token = self.client.on_token
-        while starts and (until is None or starts[-1] < until):
-            if clock.now != starts.pop():
+        while starts and (
+            until is None or (starts[-1], worker.planned_scheduled_at) < (until, scheduled_at)
+        ):
+            start = starts.pop()
+            if clock.now != start:
                 raise RuntimeError(f"{worker.worker_id}: a planned decode step was mispriced")
+            worker.planned_scheduled_at = start  # when the next one's wake-up would be
             result = core.step()
             now = clock.now
             for request, _ in result.updated:
                 on_token(request, now)
 
-    def _catch_up(self, t: float) -> None:
-        """Before an event at ``t`` that is not a worker's own step: every worker takes the
-        planned steps that start before ``t``, as it would have one event at a time."""
+    def _catch_up(self, t: float, scheduled_at: float) -> None:
+        """Before an event at ``t`` (scheduled at ``scheduled_at``) that is not a worker's own
+        step: every worker takes the planned steps that would have run before it one event at
+        a time."""
         for worker in self.workers:
-            if worker.planned and worker.planned[-1] < t:
-                self._step_planned(worker, t)
+            if worker.planned and worker.planned[-1] <= t:
+                self._step_planned(worker, t, scheduled_at)
 
     # ------------------------------------------------------------------ results
     def metrics(self) -> dict[str, Any]:

@@ -124,8 +124,10 @@ class SimWorker:
         # that invalidates a superseded wake-up.
         self.wake_at: float | None = None
         self.wake_token = 0
-        # Start times of planned plain decode steps not taken yet, latest first.
+        # Start times of planned plain decode steps not taken yet, latest first, and when the
+        # next one's wake-up would have been scheduled, one event at a time.
         self.planned: list[float] = []
+        self.planned_scheduled_at = 0.0
         self.turns = 0
 
     def view(self) -> WorkerView:
