@@ -177,11 +177,8 @@ class Scheduler:
 
     # ------------------------------------------------------------------------ one step
     def schedule(self) -> SchedulerOutput:
-        if not self.waiting:
-            plain = self._plain_decode_plan()
-            if plain is not None:
-                return plain
-        return self._schedule_general()
+        plain = self._plain_decode_plan()
+        return plain if plain is not None else self._schedule_general()
 
     def _schedule_general(self) -> SchedulerOutput:
         out = SchedulerOutput()
@@ -217,25 +214,34 @@ class Scheduler:
         return out
 
     # ------------------------------------------------------------------ plain decodes
-    def _plain_decode_plan(self) -> SchedulerOutput | None:
-        """The plan of a plain decode step, or None if the next step is not one.
-
-        A step is a plain decode when nothing waits and every running request computes only
-        its newest token, in a slot it already holds. The general pass then gives exactly this
-        plan (one token each within the budget, no allocation, no preemption, nothing to
-        admit); built directly it costs a fraction of that pass, and most steps of a long
-        simulation are such steps."""
+    def _plain_decode_batch(self) -> list[Request] | None:
+        """The running requests if the next step is a plain decode: nothing waits, they fit
+        the budget one token each, and every one computes only its newest token, in a slot it
+        already holds. Else None."""
         running = self.running
-        if not running or len(running) > self.config.max_num_batched_tokens:
+        if self.waiting or not running or len(running) > self.config.max_num_batched_tokens:
             return None
         held = self.kv.num_slots
-        chunks = []
         for request in running:
             n = len(request.all_token_ids)
             if request.num_computed_tokens != n - 1 or request.skips or held(request) < n:
                 return None
-            chunks.append(ScheduledChunk(request, [(n - 1, n)], True))
-        return SchedulerOutput(chunks)
+        return running
+
+    def _plain_decode_plan(self) -> SchedulerOutput | None:
+        """The plan of a plain decode step (``_plain_decode_batch``), or None if the next step
+        is not one. The general pass gives exactly this plan then (one token each, no
+        allocation, no preemption, nothing to admit); built directly it costs a fraction of
+        that pass, and most steps of a long simulation are such steps."""
+        batch = self._plain_decode_batch()
+        if batch is None:
+            return None
+        return SchedulerOutput(
+            [
+                ScheduledChunk(r, [(len(r.all_token_ids) - 1, len(r.all_token_ids))], True)
+                for r in batch
+            ]
+        )
 
     def plain_decode_steps(self) -> int:
         """How many of the next steps are certain to be plain decodes (``_plain_decode_plan``)
@@ -244,22 +250,15 @@ class Scheduler:
         not counted. Requests that could stop on a sampled token (stop ids, or EOS not
         ignored) make it 0: their ends are not known ahead. The simulator uses this to step
         a worker through such a stretch in one event."""
-        running = self.running
-        if self.waiting or not running or len(running) > self.config.max_num_batched_tokens:
+        batch = self._plain_decode_batch()
+        if batch is None:
             return 0
         held = self.kv.num_slots
         steps = None
-        for request in running:
+        for request in batch:
             n = len(request.all_token_ids)
             params = request.sampling_params
-            if (
-                n < 2
-                or request.num_computed_tokens != n - 1
-                or request.skips
-                or request.status is not RequestStatus.RUNNING
-                or params.stop_token_ids
-                or (not params.ignore_eos and request.eos_token_ids)
-            ):
+            if n < 2 or params.stop_token_ids or (not params.ignore_eos and request.eos_token_ids):
                 return 0
             # Step i (from 0) computes the token at n - 1 + i, into a slot held (n - 1 + i <
             # held), and appends token n + i; the step that appends its last one ends it.

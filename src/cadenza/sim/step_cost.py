@@ -43,8 +43,9 @@ def step_shape(plan: SchedulerOutput) -> StepShape:
         segments = chunk.segments
         end = segments[-1][1]
         if len(segments) == 1:
-            n = end - segments[0][0]
-            pairs += n * (2 * end - n + 1) // 2  # causal_pairs(end - n, end)
+            start = segments[0][0]
+            n = end - start
+            pairs += causal_pairs(start, end)
         else:
             n = chunk.num_tokens
             for start, stop in segments:
