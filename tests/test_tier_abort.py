@@ -3,93 +3,19 @@ ordinary cached blocks and every block returns to the free pool."""
 
 from __future__ import annotations
 
-from cadenza.config import CacheConfig, SchedulerConfig
-from cadenza.core.hashing import hash_seed
-from cadenza.core.request import Request, RequestStatus
-from cadenza.core.sampling_params import SamplingParams
+from cadenza.core.request import RequestStatus
 from cadenza.core.scheduler import Scheduler
 from cadenza.core.tiering import TierManager
-from cadenza.core.transfer import JobKind, TransferJob
+from cadenza.core.transfer import JobKind
+from tier_harness import ManualTransfer, make_request, step, tiered_scheduler
 
 BS = 4
 NUM_BLOCKS = 32
 PROMPT = list(range(1, 26))  # 6 full blocks and one token
 
 
-class ManualTransfer:
-    """Copies succeed; a submitted job finishes only when the test says so."""
-
-    def __init__(self) -> None:
-        self.queued: list[TransferJob] = []
-        self.done: list[TransferJob] = []
-
-    def submit(self, job: TransferJob) -> None:
-        self.queued.append(job)
-
-    def run_now(self, job: TransferJob) -> None:
-        self.finish_all()
-        self._run(job)
-
-    def finish_all(self) -> None:
-        for job in self.queued:
-            self._run(job)
-            self.done.append(job)
-        self.queued = []
-
-    def poll(self) -> list[TransferJob]:
-        done, self.done = self.done, []
-        return done
-
-    def wait(self, timeout: float) -> list[TransferJob]:
-        self.finish_all()
-        return self.poll()
-
-    def pending(self) -> int:
-        return len(self.queued) + len(self.done)
-
-    @staticmethod
-    def _run(job: TransferJob) -> None:
-        for item in job.items:
-            item.ok = True
-
-
-def make_request(rid: str, tokens: list[int], max_tokens: int = 2) -> Request:
-    return Request(
-        request_id=rid,
-        prompt_token_ids=list(tokens),
-        sampling_params=SamplingParams(max_tokens=max_tokens, ignore_eos=True),
-        eos_token_ids=(0,),
-        block_size=BS,
-        hash_seed=hash_seed("m", None),
-        max_total_tokens=len(tokens) + max_tokens,
-    )
-
-
 def setup() -> tuple[Scheduler, TierManager, ManualTransfer]:
-    sched = Scheduler(
-        SchedulerConfig(max_num_batched_tokens=64, max_num_seqs=8),
-        CacheConfig(block_size=BS, admission_reserve_fraction=0.0),
-        NUM_BLOCKS,
-        clock=lambda: 0.0,
-    )
-    xfer = ManualTransfer()
-    tiers = TierManager(
-        sched.kv.pool,
-        host_slots=16,
-        disk=None,
-        executor=xfer,
-        policy=sched.kv.pool.policy,
-        clock=lambda: 0.0,
-    )
-    sched.tiers = tiers
-    return sched, tiers, xfer
-
-
-def step(sched: Scheduler) -> None:
-    assert sched.tiers is not None
-    sched.tiers.poll()
-    out = sched.schedule()
-    sched.update_from_output(out, {c.request.request_id: 7 for c in out.chunks if c.samples})
+    return tiered_scheduler(NUM_BLOCKS, host_slots=16, block_size=BS)
 
 
 def cache_on_host_only(sched: Scheduler, prompt: list[int]) -> None:

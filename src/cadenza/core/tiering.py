@@ -7,8 +7,9 @@ a directory of content-addressed files (``kvstore.disk_tier``). The tier manager
 * **fetch** — a returning turn (or a hint) whose blocks are on host or disk gets fresh device
   blocks, and one job copies them in; the turn waits for it, then finds device hits;
 * **ahead-of-time offload** — when fewer than 25% of device blocks are empty, the lowest-valued
-  cached blocks without a lower copy are copied to host in the background; the device copy stays
-  usable until its block is reallocated (lazy reclaim);
+  cached blocks without a lower copy are copied to host in the background, no more than the host
+  has slots not holding a copy of such a block already; the device copy stays usable until its
+  block is reallocated (lazy reclaim);
 * **swap preemption** — a preempted request's blocks are copied out before they are freed;
 * **persist** — finished turns are written through to disk, and host entries evicted to make
   room are spilled there, so a block leaves the hierarchy only when the disk is full too;
@@ -379,9 +380,12 @@ class TierManager:
             # a host copy.
             covered = pool.num_cached_free_blocks - len(index)
             shortfall = target - pool.num_empty_blocks - covered
-            if shortfall <= 0:
+            # Host slots not holding a copy of a cached free block: a copy beyond them would
+            # evict the copy of another such block and gain nothing.
+            room = self._host_room(covered)
+            if shortfall <= 0 or room <= 0:
                 return []
-            n = min(shortfall, self.max_job_blocks)
+            n = min(shortfall, self.max_job_blocks, room)
             chosen = index.choose(n)
             if chosen is not None:
                 return chosen
@@ -390,10 +394,19 @@ class TierManager:
         candidates = [b for b in pool.cached_free_blocks() if self._movable(b)]
         covered = sum(1 for b in candidates if self.has_host_copy(b.block_hash))  # type: ignore[arg-type]
         shortfall = target - pool.num_empty_blocks - covered
-        if shortfall <= 0:
+        room = self._host_room(covered)
+        if shortfall <= 0 or room <= 0:
             return []
         uncopied = [b for b in candidates if not self.has_host_copy(b.block_hash)]  # type: ignore[arg-type]
-        return self.policy.choose(uncopied, min(shortfall, self.max_job_blocks))
+        return self.policy.choose(uncopied, min(shortfall, self.max_job_blocks, room))
+
+    def _host_room(self, covered: int) -> int:
+        """How many more cached free device blocks the host could cover: its slots less the
+        ``covered`` ones already holding such a block's copy. A host smaller than the offload
+        target fills up with copies of blocks the device still holds; copying another block
+        then evicts one of those copies, and the copies would chase each other forever."""
+        assert self.host is not None
+        return self.host.num_slots - covered
 
     # The pool's free queue and the host tier's keys, mirrored into ``_uncopied``.
     def cached_free_added(self, blocks: list[KVBlock], seqs: Sequence[int]) -> None:
