@@ -210,6 +210,32 @@ def test_wrong_types_are_400_naming_the_field(server: RunningServer):
     assert_serving(server.base_url)
 
 
+@pytest.mark.parametrize(
+    ("path", "body", "field", "shown"),
+    [
+        ("/v1/chat/completions", chat_body("hi", max_tokens=True), "max_tokens", "true"),
+        (
+            "/v1/completions",
+            {"model": MODEL, "prompt": "x", "temperature": "0.7"},
+            "temperature",
+            "a string",
+        ),
+        ("/v1/completions", {"model": MODEL, "prompt": "x", "seed": False}, "seed", "false"),
+        ("/v1/sessions/s-bool/hint", {"expected_arrival_s": True}, "expected_arrival_s", "true"),
+    ],
+)
+def test_a_number_sent_as_a_boolean_or_string_is_400(
+    server: RunningServer, path: str, body: dict[str, Any], field: str, shown: str
+):
+    # Read leniently, true would be 1 and "0.7" would be 0.7: an answer to another question.
+    reply = _post(server.base_url, path, json=body)
+    assert reply.status_code == 400, reply.text
+    error = error_of(reply)
+    assert error["param"] == field
+    assert f"must be a JSON number, not {shown}" in error["message"]
+    assert_serving(server.base_url)
+
+
 @pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions"])
 def test_negative_max_tokens_is_400(server: RunningServer, path: str):
     body = chat_body("hi", max_tokens=-5)

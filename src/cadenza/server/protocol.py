@@ -10,9 +10,10 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import Field, ValidationInfo, field_validator
 
 from cadenza.core.sampling_params import MAX_LOGPROBS, SamplingParams
+from cadenza.server.request_body import RequestBody
 from cadenza.session.ids import MAX_SESSION_ID_CHARS
 from cadenza.tools.spec import arguments_object
 
@@ -20,27 +21,23 @@ from cadenza.tools.spec import arguments_object
 DEFAULT_COMPLETION_MAX_TOKENS = 16
 
 
-class _Body(BaseModel):
-    model_config = ConfigDict(extra="allow")
-
-
-class TextPart(_Body):
+class TextPart(RequestBody):
     type: Literal["text", "input_text", "output_text"]
     text: str
 
 
-class FunctionCallBody(_Body):
+class FunctionCallBody(RequestBody):
     name: str
     arguments: str | dict[str, Any] = "{}"
 
 
-class ToolCallBody(_Body):
+class ToolCallBody(RequestBody):
     id: str | None = None
     type: Literal["function"] = "function"
     function: FunctionCallBody
 
 
-class ChatMessage(_Body):
+class ChatMessage(RequestBody):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
@@ -78,16 +75,16 @@ class ChatMessage(_Body):
         return message
 
 
-class StreamOptions(_Body):
+class StreamOptions(RequestBody):
     include_usage: bool = False
 
 
-class RetentionBody(_Body):
+class RetentionBody(RequestBody):
     ttl_s: float = Field(0.0, ge=0, le=86400, allow_inf_nan=False)
     priority: int = Field(0, ge=-1000, le=1000)
 
 
-class _SamplingFields(_Body):
+class _SamplingFields(RequestBody):
     model: str
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
@@ -163,7 +160,7 @@ class CompletionRequest(_SamplingFields):
         return self.sampling_params(limit, self.logprobs)
 
 
-class HintRequest(_Body):
+class HintRequest(RequestBody):
     expected_arrival_s: float | None = Field(None, ge=0, le=86400, allow_inf_nan=False)
     ttl_s: float | None = Field(None, ge=0, le=86400, allow_inf_nan=False)
     priority: int = Field(0, ge=-1000, le=1000)

@@ -19,10 +19,11 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import APIRouter, Depends, Query, Request
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from cadenza.server import responses_format as fmt
 from cadenza.server.errors import APIError, conversation_not_found
+from cadenza.server.request_body import RequestBody
 from cadenza.server.response_chain import release_orphan_session
 from cadenza.server.response_store import (
     ConversationBusyError,
@@ -39,20 +40,16 @@ router = APIRouter()
 _MAX_ITEMS = 20
 
 
-class _Body(BaseModel):
-    model_config = ConfigDict(extra="allow")
-
-
-class ConversationCreateRequest(_Body):
+class ConversationCreateRequest(RequestBody):
     items: list[Any] | None = Field(None, max_length=_MAX_ITEMS)
     metadata: dict[str, str] | None = None
 
 
-class ConversationUpdateRequest(_Body):
+class ConversationUpdateRequest(RequestBody):
     metadata: dict[str, str]
 
 
-class ItemsCreateRequest(_Body):
+class ItemsCreateRequest(RequestBody):
     items: list[Any] = Field(min_length=1, max_length=_MAX_ITEMS)
 
 

@@ -52,7 +52,7 @@ from typing import Any
 
 from fastapi import APIRouter, Depends, FastAPI, Query, Request
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from cadenza.core.sampling_params import SamplingParams
 from cadenza.engine_api import EngineRequest
@@ -61,6 +61,7 @@ from cadenza.server import responses_format as fmt
 from cadenza.server.engine_stream import chain, collect, sse_headers, start_stream
 from cadenza.server.errors import APIError, conversation_not_found
 from cadenza.server.protocol import RetentionBody
+from cadenza.server.request_body import RequestBody
 from cadenza.server.response_chain import (
     continue_from,
     history_upto,
@@ -101,15 +102,11 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
 router = APIRouter(lifespan=_lifespan)
 
 
-class _Body(BaseModel):
-    model_config = ConfigDict(extra="allow")
-
-
-class ConversationRef(_Body):
+class ConversationRef(RequestBody):
     id: str = Field(min_length=1)
 
 
-class ResponseCreateRequest(_Body):
+class ResponseCreateRequest(RequestBody):
     model: str
     input: str | list[Any] | None = None
     instructions: str | None = None
