@@ -43,6 +43,48 @@ def test_idle_engine_copies_no_more_than_the_host_can_cover():
     assert len(covered) == HOST_SLOTS
 
 
+def test_a_copy_that_gains_nothing_is_not_retried_until_the_device_changes():
+    # The host's slots hold one recent copy of a block the device has dropped and two older
+    # copies of cached free device blocks. The next copy made ahead of time evicts the oldest
+    # host entry, a copy of a block still on the device: one block covered, one uncovered,
+    # and so on forever while nothing else happens.
+    now = [100.0]
+    sched, tiers, xfer = tiered_scheduler(
+        NUM_BLOCKS, host_slots=HOST_SLOTS, block_size=BS, clock=lambda: now[0]
+    )
+    pool, host = sched.kv.pool, tiers.host
+    assert host is not None
+
+    def run(rid: str, prompt: list[int]) -> None:
+        sched.add_request(make_request(rid, prompt))
+        while sched.has_unfinished_requests():
+            step(sched)
+
+    run("recent", list(range(900, 925)))
+    tiers.offload_now(pool.cached_free_blocks()[:1])
+    assert sched.kv.reset_prefix_cache() and len(host) == 1
+    now[0] = 0.0  # the rest is older
+    for i in range(5):
+        run(f"r{i}", list(range(100 * i, 100 * i + 25)))
+    tiers.offload_now(pool.cached_free_blocks()[:2])
+    assert len(host) == HOST_SLOTS and tiers.stats.offloaded_blocks == HOST_SLOTS
+
+    offload_jobs = 0
+    for _ in range(20):
+        tiers.maintain()
+        offload_jobs += len(xfer.queued)
+        xfer.finish_all()
+        tiers.poll()
+    assert offload_jobs == 1  # one try; it evicted the copy of a block the device holds
+    covered = [b for b in pool.cached_free_blocks() if b.block_hash in host]
+    assert len(covered) == 2
+
+    # Once the device changes, the offload tries again.
+    run("new", list(range(700, 725)))
+    tiers.maintain()
+    assert len(xfer.queued) == 1
+
+
 def test_simulated_worker_with_a_small_host_goes_quiet_after_its_last_turn():
     # Llama-2-7B blocks are 8 MiB: 0.5 GiB of host is 64 slots, under the offload target of
     # 75 of the 300 device blocks. Six sessions need about twice the device pool. (The

@@ -3,6 +3,8 @@ only when the test says so, and requests that ignore EOS."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from cadenza.config import CacheConfig, SchedulerConfig
 from cadenza.core.hashing import hash_seed
 from cadenza.core.request import Request
@@ -62,15 +64,19 @@ def make_request(rid: str, tokens: list[int], max_tokens: int = 2, block_size: i
 
 
 def tiered_scheduler(
-    num_blocks: int, *, host_slots: int, block_size: int = 4
+    num_blocks: int,
+    *,
+    host_slots: int,
+    block_size: int = 4,
+    clock: Callable[[], float] = lambda: 0.0,
 ) -> tuple[Scheduler, TierManager, ManualTransfer]:
     """A scheduler over ``num_blocks`` device blocks with a host tier of ``host_slots`` (no
-    disk), its copies done by a ``ManualTransfer``, on a clock stopped at 0."""
+    disk), its copies done by a ``ManualTransfer``, on ``clock`` (stopped at 0 by default)."""
     sched = Scheduler(
         SchedulerConfig(max_num_batched_tokens=64, max_num_seqs=8),
         CacheConfig(block_size=block_size, admission_reserve_fraction=0.0),
         num_blocks,
-        clock=lambda: 0.0,
+        clock=clock,
     )
     xfer = ManualTransfer()
     tiers = TierManager(
@@ -79,7 +85,7 @@ def tiered_scheduler(
         disk=None,
         executor=xfer,
         policy=sched.kv.pool.policy,
-        clock=lambda: 0.0,
+        clock=clock,
     )
     sched.tiers = tiers
     return sched, tiers, xfer

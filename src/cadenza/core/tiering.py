@@ -8,7 +8,8 @@ a directory of content-addressed files (``kvstore.disk_tier``). The tier manager
   blocks, and one job copies them in; the turn waits for it, then finds device hits;
 * **ahead-of-time offload** — when fewer than 25% of device blocks are empty, the lowest-valued
   cached blocks without a lower copy are copied to host in the background, no more than the host
-  has slots not holding a copy of such a block already; the device copy stays usable until its
+  has slots not holding a copy of such a block already, and not again after a copy that only
+  evicted such copies until the device's blocks change; the device copy stays usable until its
   block is reallocated (lazy reclaim);
 * **swap preemption** — a preempted request's blocks are copied out before they are freed;
 * **persist** — finished turns are written through to disk, and host entries evicted to make
@@ -205,6 +206,8 @@ class _Pending:
     device_blocks: list[KVBlock]
     host_entries: list[HostEntry]
     host_slots: list[int]
+    # Cached free device blocks whose host copy was evicted to make room for this job's copies.
+    uncovered: int = 0
 
 
 class TierManager:
@@ -241,6 +244,10 @@ class TierManager:
         # request) is dropped from here; its fetch then lands as ordinary cached blocks.
         self._fetching: dict[str, int] = {}
         self._offload_in_flight = 0
+        # The device's (empty, cached free) block counts when an ahead-of-time copy gained
+        # nothing (it evicted as many host copies of cached free device blocks as it made): no
+        # new try until they change, so an engine with nothing else to do stops copying.
+        self._futile_offload_at: tuple[int, int] | None = None
         # How many queued copy-out jobs read each device block (by id): references that only
         # read the block's first tokens, so a session may continue in a partial tail they hold.
         self._readers: dict[int, int] = {}
@@ -359,14 +366,22 @@ class TierManager:
         """Ahead-of-time offload when the device runs short of empty blocks."""
         if self.host is None or self._offload_in_flight:
             return
-        target = int(self.aot_threshold * self.pool.num_blocks)
-        if self.pool.num_empty_blocks >= target:
+        pool = self.pool
+        target = int(self.aot_threshold * pool.num_blocks)
+        if pool.num_empty_blocks >= target:
             return
+        state = (pool.num_empty_blocks, pool.num_cached_free_blocks)
+        if state == self._futile_offload_at:
+            return
+        self._futile_offload_at = None
         chosen = self._aot_candidates(target)
         if not chosen:
             return
         job = self._copy_out(chosen, JobKind.OFFLOAD)
         if job is not None:
+            pending = self._pending[job.job_id]
+            if pending.uncovered >= len(pending.device_blocks):
+                self._futile_offload_at = state
             self._offload_in_flight += 1
             self.executor.submit(job)
 
@@ -466,10 +481,13 @@ class TierManager:
         items: list[TransferItem] = []
         busy: list[HostEntry] = []
         slots: list[int] = []
+        uncovered = 0
         if kind == JobKind.OFFLOAD:
             assert self.host is not None
             slots, evicted = self.host.reserve(len(blocks))
             blocks = blocks[: len(slots)]
+            if evicted:
+                uncovered = len(self.pool.cached_free_holding([e.key for e in evicted]))
             for entry in evicted:
                 if self.disk is not None and entry.key not in self.disk:
                     # Spill first: the same job overwrites this slot right after.
@@ -495,7 +513,7 @@ class TierManager:
         for block in blocks:
             readers[block.block_id] = readers.get(block.block_id, 0) + 1
         job = TransferJob(kind, items)
-        self._pending[job.job_id] = _Pending(job, list(blocks), busy, slots)
+        self._pending[job.job_id] = _Pending(job, list(blocks), busy, slots, uncovered)
         return job
 
     def _movable(self, block: KVBlock) -> bool:
