@@ -13,7 +13,7 @@ import struct
 from collections import Counter
 
 from cadenza.config import CacheConfig, EngineConfig, SchedulerConfig
-from cadenza.core.engine_core import EngineCore, SampledToken
+from cadenza.core.engine_core import EngineCore, SampledToken, fit_context
 from cadenza.core.kv_cache_manager import KVCacheManager
 from cadenza.core.sampling_params import SamplingParams
 from cadenza.core.scheduler import SchedulerOutput
@@ -407,3 +407,12 @@ def test_a_turn_continues_in_its_partial_tail_while_the_write_through_still_read
     check_block_accounting(core)
     assert links.jobs["persist"] >= 4
     assert core.tiers.stats.persisted_blocks > 0
+
+
+def test_a_pool_shorter_than_the_context_is_reported_once_per_shape(caplog):
+    config = EngineConfig(cache=CacheConfig(block_size=16))
+    with caplog.at_level("WARNING", logger="cadenza.engine"):
+        assert [fit_context(config, 8192, 37) for _ in range(3)] == [592] * 3
+        assert fit_context(config, 8192, 38) == 608  # another shape: its own warning
+    warnings = [r.getMessage() for r in caplog.records if "less than the model's" in r.message]
+    assert len(warnings) == 2 and "592 tokens (37 blocks)" in warnings[0]

@@ -71,15 +71,21 @@ def fit_context(config: EngineConfig, max_model_len: int, num_blocks: int) -> in
             f" --kv-cache-memory-gib, scaled by {blocks / num_blocks:.2f}) or lower"
             f" --max-model-len to at most {capacity}"
         )
-    log.warning(
-        "the KV cache holds %d tokens (%d blocks), less than the model's context of %d tokens:"
-        " serving contexts of up to %d tokens (enlarge the cache to serve more)",
-        capacity,
-        num_blocks,
-        max_model_len,
-        capacity,
-    )
+    if (capacity, max_model_len) not in _CAPPED_CONTEXTS:
+        # Once per process: a simulation or a benchmark builds many engines of one shape.
+        _CAPPED_CONTEXTS.add((capacity, max_model_len))
+        log.warning(
+            "the KV cache holds %d tokens (%d blocks), less than the model's context of %d"
+            " tokens: serving contexts of up to %d tokens (enlarge the cache to serve more)",
+            capacity,
+            num_blocks,
+            max_model_len,
+            capacity,
+        )
     return capacity
+
+
+_CAPPED_CONTEXTS: set[tuple[int, int]] = set()
 
 
 class NoTransfers:
