@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
+from types import SimpleNamespace
 
 import pytest
+from prometheus_client import CollectorRegistry, generate_latest
 from tests.conftest import TINY_LLAMA
 
-from cadenza.cluster.cluster_stats import ClusterStats
+from cadenza.cluster.cluster_stats import MIGRATION_KINDS, ClusterStats, MigrationRecord
 from cadenza.cluster.migration_budget import MigrationBudget
 from cadenza.cluster.placement import CostParams
 from cadenza.cluster.router import ClusterEngine
@@ -23,6 +25,7 @@ from cadenza.core.sampling_params import SamplingParams
 from cadenza.engine import LLMEngine
 from cadenza.engine_api import EndSession, EngineRequest, GetStats, HintSession
 from cadenza.model.source import random_model_source
+from cadenza.server.cluster_metrics import ClusterCollector
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)
 LONG = SamplingParams(temperature=0.0, max_tokens=120, ignore_eos=True)
@@ -387,3 +390,18 @@ def test_cluster_stats_split_prompt_tokens_by_source():
     stats.sample_load(0.0, [3, 1])
     stats.sample_load(1.0, [2, 2])
     assert stats.imbalance_ratio() == pytest.approx((1.5 + 1.0) / 2)
+
+
+def test_migration_counters_show_every_kind_from_the_start():
+    # A rate() over the first migration of a kind needs a sample (0) before it.
+    stats = ClusterStats()
+    registry = CollectorRegistry()
+    registry.register(ClusterCollector(SimpleNamespace(stats=stats, slots={})))
+    text = generate_latest(registry).decode()
+    for kind in MIGRATION_KINDS:
+        assert f'cadenza:cluster_migrations_total{{kind="{kind}"}} 0.0' in text
+        assert f'cadenza:cluster_migrations_aborted_total{{kind="{kind}"}} 0.0' in text
+    stats.record_migration(MigrationRecord("hint", "w0", "w1", 64, 0.5, True))
+    text = generate_latest(registry).decode()
+    assert 'cadenza:cluster_migrations_total{kind="hint"} 1.0' in text
+    assert 'cadenza:cluster_migrations_total{kind="live"} 0.0' in text

@@ -20,12 +20,13 @@ from collections import Counter, deque
 from dataclasses import dataclass, field
 
 HINT_OUTCOMES = ("found", "late", "false", "missing")
+MIGRATION_KINDS = ("hint", "turn", "live", "drain", "pack")
 TOKEN_SOURCES = ("device", "host", "disk", "migrated", "recomputed", "new")
 
 
 @dataclass
 class MigrationRecord:
-    kind: str  # "hint" | "turn" | "live" | "drain" | "pack"
+    kind: str  # one of MIGRATION_KINDS
     src: str
     dst: str
     num_bytes: int

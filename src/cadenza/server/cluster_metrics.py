@@ -20,7 +20,7 @@ from typing import Any
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from cadenza.cluster.cluster_stats import HINT_OUTCOMES, TOKEN_SOURCES
+from cadenza.cluster.cluster_stats import HINT_OUTCOMES, MIGRATION_KINDS, TOKEN_SOURCES
 
 PREFIX = "cadenza:"
 
@@ -57,13 +57,15 @@ class ClusterCollector(Collector):
             "outcome",
             {o: stats.hinted_moves.get(o, 0) for o in ("found", "late")},
         )
+        # Every kind from the start (at 0), so a rate over the first migration has a sample
+        # before it.
         yield counter(
             "cluster_migrations", "KV migrations completed, by kind.", "kind",
-            dict(stats.migrations),
+            dict.fromkeys(MIGRATION_KINDS, 0) | stats.migrations,
         )  # fmt: skip
         yield counter(
             "cluster_migrations_aborted", "KV migrations that failed or moved nothing.", "kind",
-            dict(stats.migrations_aborted),
+            dict.fromkeys(MIGRATION_KINDS, 0) | stats.migrations_aborted,
         )  # fmt: skip
         yield counter(
             "cluster_prompt_tokens_by_source",
