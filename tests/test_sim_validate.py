@@ -19,9 +19,10 @@ from cadenza.sim.trace import TraceTurn, validate
 from cadenza.sim.validate import add_arguments, apply_quick, specs
 from cadenza.sim.validate_contention import Contention, neighbour_busy
 from cadenza.sim.validate_diagnose import diagnostics, explain
+from cadenza.sim.validate_drift import Drift, SpeedProbe, SpeedReading
 from cadenza.sim.validate_errors import METRICS, compare, relative_error, summarize
 from cadenza.sim.validate_report import render_markdown, write_report
-from cadenza.sim.validate_runs import at_real_speed, run_entry, simulate_run
+from cadenza.sim.validate_runs import at_drift, at_real_speed, run_entry, simulate_run
 from cadenza.sim.validate_traces import KINDS, Shrink, TraceSpec, make_trace
 
 
@@ -247,3 +248,65 @@ def test_at_real_speed_takes_the_machines_speed_out_of_the_error(two_runs, tmp_p
     after = {c["metric"]: c for c in speed["cells"]}
     assert abs(after["ttft_mean"]["error"]) < abs(before["ttft_mean"].error)
     assert after["ttft_mean"]["within"] and after["e2e_mean"]["within"]
+
+
+def test_the_drift_probe_scales_a_runs_prefill_and_decode_costs_apart(tmp_path):
+    drift = Drift(SpeedReading(0.2, 0.04), SpeedReading(0.3, 0.05))
+    assert drift.prefill_factor == pytest.approx(1.5)
+    assert drift.decode_factor == pytest.approx(1.25)
+    path = tmp_path / "cal.json"
+    path.write_text(json.dumps(DEFAULT.to_json()))
+    assert at_drift(str(path), None, tmp_path) == str(path)
+    priced = json.loads(Path(at_drift(str(path), drift, tmp_path)).read_text())
+    assert priced["prefill_token_s"] == pytest.approx(1.5 * DEFAULT.prefill_token_s)
+    assert priced["base_s"] == pytest.approx(1.25 * DEFAULT.base_s)
+    assert priced["decode_seq_s"] == pytest.approx(1.25 * DEFAULT.decode_seq_s)
+    assert priced["memcpy_bytes_per_s"] == DEFAULT.memcpy_bytes_per_s
+    # A slower machine before the run: the run is predicted slower.
+    from cadenza.bench.trace_replay import TraceReplayConfig
+
+    config = TraceReplayConfig(num_blocks=64)
+    plain, _, _ = simulate_run(tiny_trace(), config, str(path), None, tmp_path)
+    slowed, _, _ = simulate_run(
+        tiny_trace(), config, at_drift(str(path), drift, tmp_path), None, tmp_path
+    )
+    assert slowed["e2e_s"]["mean"] > plain["e2e_s"]["mean"]
+
+
+def test_the_report_shows_the_drift_probe(two_runs):
+    measured, predicted = two_runs
+    drift = Drift(SpeedReading(0.2, 0.04), SpeedReading(0.3, 0.05))
+    run = run_entry(
+        TraceSpec("chat", 4, 0.5),
+        1,
+        measured,
+        predicted,
+        {
+            "drift": drift.to_json(),
+            "at_real_speed": {
+                "speed_factor": 1.1,
+                "cells": [c.to_json() for c in compare(measured, measured)],
+            },
+        },
+    )
+    md = render_markdown(
+        {
+            "meta": {"drift_reference": drift.reference.to_json()},
+            "runs": [run],
+            "summary": summarize([compare(measured, predicted)]),
+        }
+    )
+    assert "Drift probe: a fixed workload" in md and "200 ms per prefill" in md
+    assert "| drift probe × (prefill / decode) | step cost × |" in md
+    assert "| chat @ 0.5/s | 1 | 1.50 / 1.25 | 1.10 | +0.0% ✅ |" in md
+
+
+def test_the_drift_probe_times_the_real_engine(smollm2_source):
+    probe = SpeedProbe("smollm2-135m", threads=1, rounds=1)  # skipped without the model
+    try:
+        first, second = probe.read(), probe.read()  # the same prompts again: no cache hits
+    finally:
+        probe.close()
+    for reading in (first, second):
+        # A prefill of 4 x 64 tokens computes far more than one decode token each.
+        assert reading.prefill_s > reading.decode_s > 0

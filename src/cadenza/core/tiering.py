@@ -377,7 +377,7 @@ class TierManager:
         chosen = self._aot_candidates(target)
         if not chosen:
             return
-        job = self._copy_out(chosen, JobKind.OFFLOAD)
+        job = self._copy_out(chosen, JobKind.OFFLOAD, count_uncovered=True)
         if job is not None:
             pending = self._pending[job.job_id]
             if pending.uncovered >= len(pending.device_blocks):
@@ -475,7 +475,13 @@ class TierManager:
             if job is not None:
                 self.executor.submit(job)
 
-    def _copy_out(self, blocks: list[KVBlock], kind: JobKind) -> TransferJob | None:
+    def _copy_out(
+        self, blocks: list[KVBlock], kind: JobKind, *, count_uncovered: bool = False
+    ) -> TransferJob | None:
+        """A job copying ``blocks`` out (to host for an offload, evicting host entries as
+        needed, or to disk). ``count_uncovered``: count the evicted host entries that held a
+        cached free device block's copy (``_Pending.uncovered``; only the ahead-of-time
+        offload reads it)."""
         if not blocks or (kind == JobKind.OFFLOAD and self.host is None):
             return None
         items: list[TransferItem] = []
@@ -486,7 +492,7 @@ class TierManager:
             assert self.host is not None
             slots, evicted = self.host.reserve(len(blocks))
             blocks = blocks[: len(slots)]
-            if evicted:
+            if evicted and count_uncovered:
                 uncovered = len(self.pool.cached_free_holding([e.key for e in evicted]))
             for entry in evicted:
                 if self.disk is not None and entry.key not in self.disk:

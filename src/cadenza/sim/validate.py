@@ -14,6 +14,10 @@ end-to-end latency, throughput, cached tokens by tier and migrations (``validate
 explain the misses (``validate_diagnose``) and write ``sim-validation.json|md|png``
 (``validate_report``).
 
+The machine's speed drifts (the cores are shared): with ``--drift-probe`` (the default) a fixed
+workload is timed right after the calibration and again before each real run, and that run's
+simulation is priced at the calibration scaled by the ratio (``validate_drift``).
+
 Calibration under the cluster's own conditions: the 2-worker cluster runs its workers as
 threads of one process on the same cores, so with ``--cluster-calibration contention`` (the
 default) the cluster's cost model is the single engine's scaled by the slowdown measured with
@@ -37,6 +41,7 @@ from typing import Any
 
 from cadenza.sim.trace import summarize
 from cadenza.sim.validate_contention import Contention
+from cadenza.sim.validate_drift import ROUNDS, Drift, SpeedProbe
 from cadenza.sim.validate_errors import compare
 from cadenza.sim.validate_errors import summarize as summarize_errors
 from cadenza.sim.validate_runs import MODEL, calibrate_base, probe_contention, run_entry, run_pair
@@ -107,6 +112,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--max-num-batched-tokens", type=int, default=512, help="step token budget (both sides)"
     )
     parser.add_argument("--max-num-seqs", type=int, default=16, help="running cap (both sides)")
+    parser.add_argument(
+        "--drift-probe",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="time a fixed workload right after the calibration and again before each real"
+        " run, and price that run's simulation at the calibration times the ratio: the"
+        " machine's speed drifts on shared cores (default: on)",
+    )
     parser.add_argument("--threads", type=int, default=1, help="torch threads per engine")
     parser.add_argument("--seed", type=int, default=0, help="seed of traces and token ids")
     parser.set_defaults(func=run)
@@ -164,6 +177,14 @@ def run_validation(args: argparse.Namespace) -> dict[str, Any]:
                 contention[n] = probe_contention(
                     n, threads=args.threads, rounds=1 if args.quick else 2, log=_log
                 )
+    probe = reference = None
+    if args.drift_probe:
+        probe = SpeedProbe(MODEL, threads=args.threads, rounds=1 if args.quick else ROUNDS)
+        reference = probe.read()
+        _log(
+            f"drift probe reference: prefill step {reference.prefill_s * 1e3:.0f} ms,"
+            f" decode step {reference.decode_s * 1e3:.1f} ms"
+        )
     source = load_model_source(MODEL)
     base = TraceReplayConfig(
         model=MODEL,
@@ -184,15 +205,27 @@ def run_validation(args: argparse.Namespace) -> dict[str, Any]:
         for n in workers:
             config = replace(base, workers=n)
             t0 = time.perf_counter()
-            real, simulated, extra = run_pair(turns, config, calibration, contention.get(n), source)
+            drift = None
+            if probe is not None and reference is not None:
+                drift = Drift(reference, probe.read())
+            real, simulated, extra = run_pair(
+                turns, config, calibration, contention.get(n), source, drift
+            )
             entry = run_entry(spec, n, real, simulated, extra)
             missed = [c["metric"] for c in entry["cells"] if not c["within"]]
+            speed = (
+                f" at prefill x{drift.prefill_factor:.2f}, decode x{drift.decode_factor:.2f};"
+                if drift is not None
+                else ";"
+            )
             _log(
-                f"{spec.name} x{n}: {len(turns)} turns in {time.perf_counter() - t0:.0f} s;"
+                f"{spec.name} x{n}: {len(turns)} turns in {time.perf_counter() - t0:.0f} s{speed}"
                 f" TTFT mean {real['ttft_s']['mean']:.3f} real / "
                 f"{simulated['ttft_s']['mean']:.3f} sim; missed: {', '.join(missed) or 'none'}"
             )
             runs.append(entry)
+    if probe is not None:
+        probe.close()
     cells_by_run = [compare(r["real"], r["simulated"]) for r in runs]
     meta = {
         "command": " ".join(["cadenza", *sys.argv[1:]]),
@@ -202,6 +235,7 @@ def run_validation(args: argparse.Namespace) -> dict[str, Any]:
         "calibration_file": calibration,
         "calibration_source": "given" if args.calibration else "calibrated in this run",
         "cluster_calibration": args.cluster_calibration,
+        "drift_reference": reference.to_json() if reference is not None else None,
         "contention": {str(n): c.to_json() for n, c in contention.items()},
         "settings": {
             "device blocks": args.num_blocks,

@@ -64,7 +64,7 @@ class Contention:
         }
 
 
-def _engine(model: str, threads: int) -> Any:
+def probe_engine(model: str, threads: int) -> Any:
     from cadenza.config import EngineConfig
     from cadenza.engine import LLMEngine
 
@@ -74,7 +74,9 @@ def _engine(model: str, threads: int) -> Any:
     return LLMEngine(config)
 
 
-def _rounds(engine: Any, seed: int, rounds: int, barrier: threading.Barrier | None) -> list[Any]:
+def probe_steps(
+    engine: Any, seed: int, rounds: int, barrier: threading.Barrier | None
+) -> list[Any]:
     """Step times of ``rounds`` rounds (after one warm-up round): ``("prefill"|"decode", s)``."""
     from cadenza.core.sampling_params import SamplingParams
 
@@ -98,7 +100,7 @@ def _rounds(engine: Any, seed: int, rounds: int, barrier: threading.Barrier | No
     return times
 
 
-def _medians(times: list[tuple[str, float]]) -> dict[str, float]:
+def step_medians(times: list[tuple[str, float]]) -> dict[str, float]:
     return {
         kind: statistics.median(t for k, t in times if k == kind) for kind in ("prefill", "decode")
     }
@@ -106,15 +108,15 @@ def _medians(times: list[tuple[str, float]]) -> dict[str, float]:
 
 def measure(model: str, engines: int, *, threads: int = 1, rounds: int = ROUNDS) -> Contention:
     """The contention of ``engines`` engines stepping at once (see the module docstring)."""
-    built = [_engine(model, threads) for _ in range(engines)]
-    alone = _medians(_rounds(built[0], 0, rounds, None))
+    built = [probe_engine(model, threads) for _ in range(engines)]
+    alone = step_medians(probe_steps(built[0], 0, rounds, None))
     barrier = threading.Barrier(engines, timeout=600)
     results: list[list[tuple[str, float]]] = [[] for _ in built]
     errors: list[BaseException] = []
 
     def run(i: int) -> None:
         try:
-            results[i] = _rounds(built[i], 100 + i, rounds, barrier)
+            results[i] = probe_steps(built[i], 100 + i, rounds, barrier)
         except BaseException as e:  # let the others out of the barrier, report it below
             errors.append(e)
             barrier.abort()
@@ -126,7 +128,7 @@ def measure(model: str, engines: int, *, threads: int = 1, rounds: int = ROUNDS)
         t.join()
     if errors:
         raise errors[0]
-    together = _medians([x for r in results for x in r])
+    together = step_medians([x for r in results for x in r])
     for engine in built:
         engine.close()
     return Contention(

@@ -93,8 +93,9 @@ def explain(
         out.append(
             f"Real engine steps took {real_step * 1e3:.0f} ms on average against"
             f" {sim_step * 1e3:.0f} ms predicted ({format_error(ratio - 1)}): the machine"
-            " ran the engine at another speed than during calibration (other load on the"
-            " shared cores, or workers contending for them), and every latency scales with it."
+            " ran the engine at another speed than the calibration (and the drift probe, if"
+            " any) predicted (other load on the shared cores, or workers contending for them),"
+            " and every latency scales with it."
         )
     real_steps, sim_steps = d["steps"]["real"], d["steps"]["simulated"]
     if latency and real_steps and sim_steps and abs(real_steps / sim_steps - 1) > 0.1:

@@ -84,14 +84,22 @@ def _speed_section(runs: Sequence[Mapping[str, Any]]) -> list[str]:
     rows = [r for r in runs if r.get("at_real_speed")]
     if not rows:
         return []
-    head = ["run", "workers", "step cost ×", *(metric(k).label for k in LATENCY_KEYS)]
+    probed = any(r.get("drift") for r in rows)
+    head = [
+        "run",
+        "workers",
+        *(["drift probe × (prefill / decode)"] if probed else []),
+        "step cost ×",
+        *(metric(k).label for k in LATENCY_KEYS),
+    ]
     lines = [
         "## Diagnostic: the simulator at the real run's step speed",
         "",
         "Not a prediction: each simulation re-run with every step cost scaled until its mean"
         " step time equals the real run's (the factor is how far the machine's speed drifted"
-        " from the calibration, or how much the cluster's workers slowed each other beyond the"
-        " contention model). The errors left are the model's own: batching, routing, hand-offs.",
+        + (" beyond what the drift probe saw before the run" if probed else " from the calibration")
+        + ", or how much the cluster's workers slowed each other beyond the contention model)."
+        " The errors left are the model's own: batching, routing, hand-offs.",
         "",
         "| " + " | ".join(head) + " |",
         "|" + "---|" * len(head),
@@ -100,6 +108,11 @@ def _speed_section(runs: Sequence[Mapping[str, Any]]) -> list[str]:
         speed = run["at_real_speed"]
         cells = {c["metric"]: c for c in speed["cells"]}
         row = [run["trace"] + f" @ {run['rate']:g}/s", str(run["workers"])]
+        if probed:
+            drift = run.get("drift")
+            row.append(
+                f"{drift['prefill_factor']:.2f} / {drift['decode_factor']:.2f}" if drift else "—"
+            )
         row.append(f"{speed['speed_factor']:.2f}")
         row += [
             f"{format_error(cells[k]['error'])} {WITHIN if cells[k]['within'] else MISSED}"
@@ -143,6 +156,18 @@ def render_markdown(doc: Mapping[str, Any], plot_name: str | None = None) -> str
             " engine's. The simulator prices a cluster's steps at 1 + (factor − 1) × (the"
             " neighbours' busy fraction in the simulation, iterated to a fixed point); each"
             " cluster run's factors are in the JSON.",
+            "",
+        ]
+    reference = meta.get("drift_reference")
+    if reference:
+        lines += [
+            "Drift probe: a fixed workload (a prefill of 4 × 64 tokens, then decode steps of the"
+            f" 4) stepped {reference['prefill_s'] * 1e3:.0f} ms per prefill and"
+            f" {reference['decode_s'] * 1e3:.1f} ms per decode right after the calibration;"
+            " timed again just before each real run, the ratio scales that run's simulated"
+            " step costs (prefill and decode terms apart), so the prediction follows the"
+            " machine's speed without reading the run itself. Each run's factors are in the"
+            " diagnostic table below.",
             "",
         ]
     if meta.get("settings"):

@@ -9,6 +9,10 @@ until the busy fraction moves less than :data:`TOLERANCE`). Only the calibration
 go in; nothing is taken from the real run. The real router is then given the placement costs
 of the same final cost model, so both routers weigh moving KV against recomputing it alike.
 
+With a drift probe (``validate_drift``), the single engine's calibration is first scaled by
+how much slower or faster the machine steps just before the run than right after the
+calibration; the contention then applies on top.
+
 After the real run, a diagnostic (``at_real_speed``, reported apart from the prediction):
 the simulation re-run with every step cost scaled until its mean step time equals the real
 run's, which separates the machine's speed drift from the model's own error.
@@ -26,6 +30,7 @@ from typing import Any
 from cadenza.sim.trace import TraceTurn
 from cadenza.sim.validate_contention import Contention, neighbour_busy
 from cadenza.sim.validate_diagnose import diagnostics, explain, mean_step_s
+from cadenza.sim.validate_drift import Drift
 from cadenza.sim.validate_errors import compare
 from cadenza.sim.validate_traces import TraceSpec
 
@@ -100,6 +105,18 @@ def simulate_run(
     return metrics, path, info
 
 
+def at_drift(calibration: str, drift: Drift | None, workdir: Path) -> str:
+    """The calibration file to price a run with: ``calibration`` scaled by the machine's
+    ``drift`` since it was made (written in ``workdir``), or as is without a probe."""
+    from cadenza.sim.calibrate import write_calibration
+    from cadenza.sim.cpu_cost import load_calibration
+
+    if drift is None:
+        return calibration
+    drifted = drift.apply(load_calibration(calibration))
+    return str(write_calibration(workdir / "drifted.json", drifted, {}))
+
+
 def scaled_by(calibration: Any, factor: float) -> Any:
     """``calibration`` with every step cost times ``factor`` (copy bandwidths unchanged)."""
     return calibration.scaled(prefill=factor, decode=factor)
@@ -147,13 +164,16 @@ def run_pair(
     calibration: str,
     contention: Contention | None,
     source: Any,
+    drift: Drift | None = None,
 ) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
     """The real and the simulated metrics of one trace under one configuration, and a dict
-    of how the simulator's cost model was adjusted for contention (``contention``, empty
-    without) and the at-real-speed diagnostic (``at_real_speed``)."""
+    of how the simulator's cost model was adjusted for the machine's speed (``drift``, None
+    without a probe) and contention (``contention``, empty without) and the at-real-speed
+    diagnostic (``at_real_speed``)."""
     from cadenza.bench.trace_replay import placement_costs, replay_trace
 
     with tempfile.TemporaryDirectory(prefix="cadenza-simval-") as tmp:
+        calibration = at_drift(calibration, drift, Path(tmp))
         simulated, priced_with, contention_info = simulate_run(
             turns, config, calibration, contention, Path(tmp)
         )
@@ -164,7 +184,15 @@ def run_pair(
             )
         real = replay_trace(turns, config, source=source, costs=costs)
         speed = at_real_speed(turns, config, priced_with, real, simulated, Path(tmp))
-    return real, simulated, {"contention": contention_info, "at_real_speed": speed}
+    return (
+        real,
+        simulated,
+        {
+            "drift": drift.to_json() if drift is not None else None,
+            "contention": contention_info,
+            "at_real_speed": speed,
+        },
+    )
 
 
 def run_entry(
@@ -183,6 +211,7 @@ def run_entry(
         "trace": spec.kind,
         "rate": spec.rate,
         "workers": workers,
+        "drift": extra.get("drift"),
         "contention": extra.get("contention") or {},
         "at_real_speed": extra.get("at_real_speed"),
         "real": real,
