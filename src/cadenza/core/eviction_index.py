@@ -68,8 +68,17 @@ class _CostTable:
     def __init__(self, policy: CostAwareEviction) -> None:
         self.cost = policy.cost
         self.by_end: dict[int, float] = {}
+        # The same costs by an entry's own end (position + tokens), before rounding up to a
+        # chunk end: a block's end repeats, and this skips the rounding per entry.
+        self.by_tokens: dict[int, float] = {}
         self.distinct: list[float] = []
         self.separated = True
+
+    def at_tokens(self, tokens: int) -> float:
+        """The cost of the chunk that ends at or after ``tokens``."""
+        end = -(-tokens // CHUNK_TOKENS) * CHUNK_TOKENS
+        cost = self.by_end.get(end)
+        return cost if cost is not None else self(end)
 
     def __call__(self, end: int) -> float:
         cost = self.by_end[end] = self.cost(end)
@@ -174,18 +183,18 @@ class EvictionIndex(Generic[E]):
     def add_many(self, entries: Iterable[E], seqs: Iterable[int]) -> None:
         """``entries`` became candidates, with their ``seqs`` (increasing in queue order)."""
         table = self._table
-        by_end = table.by_end if table is not None else None
+        by_tokens = table.by_tokens if table is not None else None
         live, groups, watermark = self._live, self._groups, self._watermark
         last_access: float | None = None
         group = _Group()
         for entry, seq in zip(entries, seqs, strict=True):
-            if by_end is None:
+            if by_tokens is None:
                 cost = 0.0
             else:
-                end = -(-(entry.position + entry.num_tokens) // CHUNK_TOKENS) * CHUNK_TOKENS
-                cost = by_end.get(end)  # type: ignore[assignment]
+                tokens = entry.position + entry.num_tokens
+                cost = by_tokens.get(tokens)  # type: ignore[assignment]
                 if cost is None:
-                    cost = table(end)  # type: ignore[misc]
+                    cost = by_tokens[tokens] = table.at_tokens(tokens)  # type: ignore[union-attr]
             accessed = entry.last_access
             pin_until = entry.pin_until
             item = (cost, seq, entry, accessed, pin_until)
