@@ -16,6 +16,12 @@ brings every worker through the planned steps that start before it (``_catch_up`
 that hands a worker work (``kick``) drops the rest of its plan: each event sees every worker
 exactly as stepping one event at a time would leave it, and the run is the same, with far
 fewer events (``batch_decodes=False`` steps one event at a time; a test compares the two).
+
+One known exception, not fixed yet: when something outside a step (a migration's install that
+evicts with a synchronous copy) moves a busy worker's clock past its pending wake-up, one event
+at a time keeps that earlier wake-up, so the worker's next step misses what lands before it
+starts, while a dropped plan wakes the worker when it is free. The Mooncake hour differs on one
+worker for about 3,000 steps (docs/benchmarks/sim-speed.md).
 """
 
 from __future__ import annotations
