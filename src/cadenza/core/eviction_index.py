@@ -62,26 +62,18 @@ def supports(policy: EvictionPolicy) -> bool:
 
 
 class _CostTable:
-    """A cost-aware policy's chunk costs by chunk end, memoised, and whether every two
-    distinct ones are far enough apart (``separated``)."""
+    """A cost-aware policy's chunk costs, memoised by an entry's end (position + tokens, the
+    chunk being the one that ends at or after it), and whether every two distinct ones are far
+    enough apart (``separated``)."""
 
     def __init__(self, policy: CostAwareEviction) -> None:
         self.cost = policy.cost
-        self.by_end: dict[int, float] = {}
-        # The same costs by an entry's own end (position + tokens), before rounding up to a
-        # chunk end: a block's end repeats, and this skips the rounding per entry.
         self.by_tokens: dict[int, float] = {}
         self.distinct: list[float] = []
         self.separated = True
 
-    def at_tokens(self, tokens: int) -> float:
-        """The cost of the chunk that ends at or after ``tokens``."""
-        end = -(-tokens // CHUNK_TOKENS) * CHUNK_TOKENS
-        cost = self.by_end.get(end)
-        return cost if cost is not None else self(end)
-
-    def __call__(self, end: int) -> float:
-        cost = self.by_end[end] = self.cost(end)
+    def __call__(self, tokens: int) -> float:
+        cost = self.by_tokens[tokens] = self.cost(-(-tokens // CHUNK_TOKENS) * CHUNK_TOKENS)
         distinct = self.distinct
         i = bisect.bisect_left(distinct, cost)
         if i < len(distinct) and distinct[i] == cost:
@@ -194,7 +186,7 @@ class EvictionIndex(Generic[E]):
                 tokens = entry.position + entry.num_tokens
                 cost = by_tokens.get(tokens)  # type: ignore[assignment]
                 if cost is None:
-                    cost = by_tokens[tokens] = table.at_tokens(tokens)  # type: ignore[union-attr]
+                    cost = table(tokens)  # type: ignore[misc]
             accessed = entry.last_access
             pin_until = entry.pin_until
             item = (cost, seq, entry, accessed, pin_until)

@@ -255,9 +255,6 @@ class TierManager:
         # ranked for eviction without a scan; kept in step with the pool's free queue and the
         # host tier's keys.
         self._uncopied: EvictionIndex[KVBlock] | None = None
-        # How many cached free device blocks the host's last eviction uncovered (their copy
-        # was evicted); set by ``_host_key_changed``, read by ``_copy_out``.
-        self._last_uncovered = 0
         if self.host is not None and supports(policy):
             self._uncopied = EvictionIndex(policy)
             for block in pool.cached_free_blocks():
@@ -449,7 +446,6 @@ class TierManager:
         if present:
             index.remove_many(blocks)
             return
-        self._last_uncovered = len(blocks)
         blocks = [b for b in blocks if b not in index]
         # Back among the copy-out candidates, in their place in the free queue.
         blocks.sort(key=pool.free_seq)
@@ -497,10 +493,7 @@ class TierManager:
             slots, evicted = self.host.reserve(len(blocks))
             blocks = blocks[: len(slots)]
             if evicted and count_uncovered:
-                if self._uncopied is not None:  # the host told ``_host_key_changed`` just now
-                    uncovered = self._last_uncovered
-                else:
-                    uncovered = len(self.pool.cached_free_holding([e.key for e in evicted]))
+                uncovered = len(self.pool.cached_free_holding([e.key for e in evicted]))
             for entry in evicted:
                 if self.disk is not None and entry.key not in self.disk:
                     # Spill first: the same job overwrites this slot right after.

@@ -18,10 +18,11 @@ exactly as stepping one event at a time would leave it, and the run is the same,
 fewer events (``batch_decodes=False`` steps one event at a time; a test compares the two).
 
 One known exception, not fixed yet: when something outside a step (a migration's install that
-evicts with a synchronous copy) moves a busy worker's clock past its pending wake-up, one event
-at a time keeps that earlier wake-up, so the worker's next step misses what lands before it
-starts, while a dropped plan wakes the worker when it is free. The Mooncake hour differs on one
-worker for about 3,000 steps (docs/benchmarks/sim-speed.md).
+evicts with a synchronous copy) moves a busy worker's clock past its pending wake-up, ``kick``
+keeps that earlier wake-up, so the worker's next step misses what lands before it starts;
+only where the hand-off drops a planned stretch is the worker woken when it is free. The two
+modes then differ (the Mooncake hour: on one worker, for about 3,000 steps; see
+docs/benchmarks/sim-speed.md).
 """
 
 from __future__ import annotations
