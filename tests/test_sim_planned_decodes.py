@@ -122,6 +122,33 @@ def test_planned_decodes_change_nothing_but_the_number_of_events(tmp_path, name)
         assert metrics["cached_tokens_by_tier"]["host"] > 0
 
 
+def test_a_busy_workers_clock_moved_past_its_wake_up_gives_the_same_run(monkeypatch):
+    """A hand-off landing on a busy worker can install with a synchronous copy out, which
+    moves the worker's clock past its pending wake-up. One event at a time must then wake it
+    when it is free (as a planned stretch does, and a real worker would), not at the stale
+    time with a step that misses what landed in between."""
+    stale = Counter()
+    kick = Simulation.kick
+
+    def counting_kick(self: Simulation, worker, *, retry: bool = False) -> None:
+        if (
+            not worker.planned
+            and worker.wake_at is not None
+            and worker.wake_at < worker.clock.now
+            and worker.core.has_unfinished_requests()
+        ):
+            stale[self.batch_decodes] += 1
+        kick(self, worker, retry=retry)
+
+    monkeypatch.setattr(Simulation, "kick", counting_kick)
+    config = SimConfig(**CONFIGS["gpu-symphony"])
+    turns = agent_sessions(seed=3, sessions=40)
+    _, expected = run(config, turns, batch=False)
+    _, got = run(config, turns, batch=True)
+    assert stale[False] > 0  # the case arose one event at a time
+    assert got == expected
+
+
 def _chunks(plan: SchedulerOutput) -> list[tuple[str, list[tuple[int, int]], bool]]:
     return [(c.request.request_id, c.segments, c.samples) for c in plan.chunks]
 

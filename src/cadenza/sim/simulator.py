@@ -17,12 +17,11 @@ that hands a worker work (``kick``) drops the rest of its plan: each event sees 
 exactly as stepping one event at a time would leave it, and the run is the same, with far
 fewer events (``batch_decodes=False`` steps one event at a time; a test compares the two).
 
-One known exception, not fixed yet: when something outside a step (a migration's install that
-evicts with a synchronous copy) moves a busy worker's clock past its pending wake-up, ``kick``
-keeps that earlier wake-up, so the worker's next step misses what lands before it starts;
-only where the hand-off drops a planned stretch is the worker woken when it is free. The two
-modes then differ (the Mooncake hour: on one worker, for about 3,000 steps; see
-docs/benchmarks/sim-speed.md).
+When something outside a step (a migration's install or a hint's fetch that evicts with a
+synchronous copy) moves a busy worker's clock past its pending wake-up, ``kick`` moves the
+wake-up to when the worker is free, keeping its place among equal times, as dropping a planned
+stretch does: the worker's next step then sees everything that landed by its start, as a real
+worker's would, and both modes agree.
 """
 
 from __future__ import annotations
@@ -129,12 +128,19 @@ class Simulation:
                 return
             at = max(done, self.events.now)
         if worker.wake_at is not None and worker.wake_at <= at:
-            return
+            if worker.wake_at >= worker.clock.now or not worker.core.has_unfinished_requests():
+                return
+            # Something outside a step (an install or a hint's fetch that evicted with a
+            # synchronous copy) moved the busy worker's clock past its pending wake-up. That
+            # wake-up would start a step at the later clock and miss what landed in between;
+            # wake it when it is free instead, in the wake-up's place among equal times.
+            scheduled_at = worker.wake_scheduled_at
         self._wake_at(worker, at, scheduled_at if at == worker.clock.now else None)
 
     def _wake_at(self, worker: SimWorker, at: float, scheduled_at: float | None = None) -> None:
         worker.wake_token += 1
         worker.wake_at = at
+        worker.wake_scheduled_at = self.events.now if scheduled_at is None else scheduled_at
         token = worker.wake_token
         self.events.at(at, lambda: self._wake(worker, token), wake=True, scheduled_at=scheduled_at)
 

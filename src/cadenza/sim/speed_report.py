@@ -102,10 +102,7 @@ def render_markdown(doc: Mapping[str, Any], plot_name: str | None = None) -> str
         " simulated time each worker is busy. Events are fewer than steps: a worker takes a"
         " stretch of plain decode steps (the same requests, one token each, none finishing) in"
         " one event, priced ahead, and any other event first brings every worker up to its"
-        " time, so the run is the same as one event per step (a test compares the two), except"
-        " where a migration lands on a busy worker and its install moves the worker's clock past"
-        " its next wake-up: one event at a time, that next step then misses what lands"
-        " meanwhile.",
+        " time, so the run is the same as one event per step (a test compares the two).",
     ]
     if plot_name:
         lines += ["", f"![simulation time against workers and requests]({plot_name})"]

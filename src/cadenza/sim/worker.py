@@ -120,10 +120,11 @@ class SimWorker:
             clock=self.clock,
             pin_s=HINT_GRACE_S,
         )
-        # The event loop's bookkeeping: when this worker is due to step next, and a token
-        # that invalidates a superseded wake-up.
+        # The event loop's bookkeeping: when this worker is due to step next, a token that
+        # invalidates a superseded wake-up, and when that wake-up was scheduled.
         self.wake_at: float | None = None
         self.wake_token = 0
+        self.wake_scheduled_at = 0.0  # when the pending wake-up was scheduled (ties order)
         # Start times of planned plain decode steps not taken yet, latest first, and when the
         # next one's wake-up would have been scheduled, one event at a time.
         self.planned: list[float] = []
