@@ -56,6 +56,35 @@ def test_tiny_random_models_match_transformers(config, linear_backend):
     assert (ours - theirs).abs().max().item() <= 1e-3
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("config", [TINY_LLAMA, TINY_QWEN2], ids=lambda c: c.name)
+def test_tiny_random_models_match_transformers_on_cuda(config, dtype):
+    """The CUDA path (the Triton attention kernel, weights and KV on the device) against
+    transformers on the CPU in float32 with the same weights: float32 as tight as on the
+    CPU; bfloat16 within its rounding (8 bits of mantissa through every layer)."""
+    source = random_model_source(config, seed=3)
+    hf = build_hf_model(config, source.state_dict)
+    llm = LLM(
+        source=source,
+        device="cuda",
+        dtype=dtype,
+        block_size=16,
+        num_kv_blocks=64,
+        max_num_batched_tokens=16,
+    )
+    assert llm.engine.runner.attention.name == "triton"
+    prompt = torch.randint(
+        3, config.vocab_size, (45,), generator=torch.Generator().manual_seed(0)
+    ).tolist()
+    generated, ours = engine_logits(llm, prompt, DECODE_STEPS)
+    theirs = hf_logits(hf, prompt + generated, len(prompt))
+    error = (ours.cpu() - theirs).abs().max().item()
+    scale = theirs.abs().max().item()
+    print(f"{config.name} {dtype}: max logit error {error:.3g} (largest logit {scale:.3g})")
+    assert error <= (1e-3 if dtype == "float32" else 0.05 * scale)
+
+
 def test_smollm2_logits_match_transformers(smollm2_source, smollm2_hf):
     llm = LLM(source=smollm2_source, num_kv_blocks=256, max_num_batched_tokens=64)
     tokenizer = llm.get_tokenizer()

@@ -97,13 +97,27 @@ def profile_steps(
 ) -> list[tuple[StepShape, float]]:
     """Step timings of the real engine over prefills, decode batches and mixed steps."""
     from cadenza.config import EngineConfig
-    from cadenza.core.sampling_params import SamplingParams
     from cadenza.engine import LLMEngine
 
     config = EngineConfig.from_options(
         model=model, num_threads=num_threads, enable_prefix_caching=False, max_num_seqs=64
     )
-    engine = LLMEngine(config)
+    return profile_engine(LLMEngine(config), quick=quick)
+
+
+def profile_engine(
+    engine: Any,
+    *,
+    quick: bool,
+    decode_batches: tuple[int, ...] = DECODE_BATCHES,
+    warm_up: bool = False,
+) -> list[tuple[StepShape, float]]:
+    """Step timings of ``engine`` (an ``LLMEngine`` with prefix caching off) over prefills of
+    growing length, decode batches of growing width at short and long contexts, and mixed
+    steps. ``warm_up``: run the whole workload once unrecorded first (a GPU compiles kernels
+    for new shapes on first use)."""
+    from cadenza.core.sampling_params import SamplingParams
+
     vocab = engine.model_config.vocab_size
     rng = random.Random(0)
     shapes: list[StepShape | None] = [None]
@@ -135,22 +149,23 @@ def profile_steps(
 
     add(64, 4)
     drain(record=False)  # warm-up
-    repeats = 1 if quick else 2
-    for _ in range(repeats):
+    rounds = [False] if warm_up else []
+    rounds += [True] * (1 if quick else 2)
+    for record in rounds:
         for n in PREFILL_LENGTHS[: 5 if quick else None]:
             add(n, 1)
-            drain()
+            drain(record)
         for context in DECODE_CONTEXTS:
-            for batch in DECODE_BATCHES[: 4 if quick else None]:
+            for batch in decode_batches[: 4 if quick else None]:
                 for _ in range(batch):
                     add(context, DECODE_STEPS)
-                drain()
+                drain(record)
         for _ in range(4):  # mixed: decodes running while a prefill arrives
             add(256, 12)
             add(256, 12)
             engine.step()
             add(512, 2)
-            drain()
+            drain(record)
     return samples
 
 

@@ -5,6 +5,7 @@ CPU cost model on this machine.
         --cost-model gpu --gpu H100 --model llama-3.1-8b --seed 0
     cadenza simulate calibrate --out cal.json
     cadenza simulate --trace t.jsonl --out m.json --cost-model cpu --calibration cal.json
+    cadenza simulate gpu-check --gpu H200      # the roofline against this engine on a GPU
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from cadenza.cluster.placement import POLICY_NAMES
-from cadenza.sim import speed
+from cadenza.sim import gpu_check, speed
 from cadenza.sim.hardware import GPUS
 from cadenza.sim.model_shapes import MODELS
 from cadenza.sim.out_path import out_file_problem
@@ -135,6 +136,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--disk-dir", default=None, help="where to probe disk bandwidth (default: the temp dir)"
     )
     speed.add_parser(sub)  # cadenza simulate speed (sim/speed.py)
+    gpu_check.add_parser(sub)  # cadenza simulate gpu-check (sim/gpu_check.py)
     add_reproduce_parser(sub)  # cadenza simulate reproduce NAME
     parser.set_defaults(func=run)
     for command in sub.choices.values():
