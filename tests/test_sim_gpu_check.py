@@ -39,12 +39,17 @@ def test_every_measured_step_is_priced_by_the_roofline_and_reported(tmp_path):
     assert overall["steps"] == len(rows)
     assert overall["median_abs_error"] == statistics.median(abs(r["error"]) for r in rows)
     assert doc["meta"]["attention_backend"] == "torch"
+    links = doc["links"]  # the swap engine's copies, both ways (no pinned probe on the CPU)
+    assert links["device_to_host_gbps"] > 0 and links["host_to_device_gbps"] > 0
+    assert links["modelled_pcie_gbps"] == GPUS["H200"].pcie_bytes_per_s / 1e9
+    assert "raw_device_to_host_gbps" not in links
     doc["meta"]["command"] = "cadenza simulate gpu-check --gpu H200 --device cpu"
     paths = write_report(doc, tmp_path, "check")
     assert [p.name for p in paths] == ["check.json", "check.md", "check.png"]
     assert json.loads(paths[0].read_text())["summary"]["all"]["steps"] == len(rows)
     md = paths[1].read_text()
     assert "| decode | " in md and "| prefill tokens |" in md and "check.png" in md
+    assert "**Device <-> host.**" in md
 
 
 def test_gpu_check_needs_cuda_unless_told_cpu(capsys, tmp_path):

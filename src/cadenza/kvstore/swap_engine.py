@@ -364,7 +364,17 @@ class SwapEngine:
                 self._host_crc[item.dst_slot] = -1  # until the new bytes are checksummed
         pairs = [(i.src_slot, i.dst_slot) for i in items]
         for s, d, n in _runs(pairs):
-            dst_t[:, :, d : d + n].copy_(src_t[:, :, s : s + n], non_blocking=self.on_cuda)
+            if self.on_cuda:
+                # A run is contiguous within each layer's K or V: copy those one by one, each a
+                # direct copy into or out of pinned memory. One strided copy with both sides
+                # strided is staged by torch through pageable memory.
+                for layer in range(dst_t.shape[0]):
+                    for kv in range(dst_t.shape[1]):
+                        dst_t[layer, kv, d : d + n].copy_(
+                            src_t[layer, kv, s : s + n], non_blocking=True
+                        )
+            else:
+                dst_t[:, :, d : d + n].copy_(src_t[:, :, s : s + n])
         if dst == Tier.HOST:
             if stream is not None:
                 stream.synchronize()  # the bytes must have landed before they are summed

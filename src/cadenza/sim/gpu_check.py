@@ -100,6 +100,7 @@ def build_engine(shape: ModelShape, device: str, kv_cache_gib: float) -> Any:
         max_model_len=MAX_MODEL_LEN,
         kv_cache_memory_gib=kv_cache_gib,
         kv_cost_model="linear",  # no start-up profile: nothing here evicts
+        kv_host_gib=min(4.0, kv_cache_gib / 4),  # room for ``link_speeds``' copies
     )
     return LLMEngine(config, device_source(shape, device))
 
@@ -201,6 +202,60 @@ def gpu_busy(
     }
 
 
+def link_speeds(engine: Any, device: str, blocks: int = 256, repeats: int = 3) -> dict | None:
+    """The device <-> host leg of every offload, fetch and migration on this machine: the
+    engine's own swap engine copies ``blocks`` KV blocks device -> host (an offload, each host
+    slot checksummed) and back (a fetch, each slot verified first), best of ``repeats``; beside
+    it, one plain pinned copy of the same bytes, and the simulator's modelled link of the GPU.
+    Run after the profile: it overwrites device blocks the idle engine no longer reads. None
+    without a host tier."""
+    import torch
+
+    from cadenza.core.transfer import JobKind, Tier, TransferItem, TransferJob
+
+    swap = engine.swap
+    if swap.host_kv is None:
+        return None
+    n = min(blocks, swap.host_kv.shape[2], engine.runner.num_blocks)
+    size = n * swap.block_bytes
+
+    def timed(kind: JobKind, src: Tier, dst: Tier) -> float:
+        best = float("inf")
+        for _ in range(repeats):
+            items = [
+                TransferItem(i.to_bytes(8, "little"), b"", (), 0, src, i, dst, i) for i in range(n)
+            ]
+            job = TransferJob(kind, items)
+            swap.run_now(job)
+            if job.error or not all(i.ok for i in items):
+                raise RuntimeError(f"{kind.value} of {n} blocks failed: {job.error}")
+            best = min(best, job.seconds)
+        return size / best / 1e9
+
+    out = {
+        "blocks": n,
+        "bytes": size,
+        "device_to_host_gbps": timed(JobKind.OFFLOAD, Tier.DEVICE, Tier.HOST),
+        "host_to_device_gbps": timed(JobKind.FETCH, Tier.HOST, Tier.DEVICE),
+    }
+    if device.startswith("cuda"):
+        flat = engine.runner.kv_caches.view(-1)[: size // engine.runner.kv_caches.element_size()]
+        pinned = torch.empty(flat.shape, dtype=flat.dtype, pin_memory=True)
+        for name, dst, src in (
+            ("raw_device_to_host_gbps", pinned, flat),
+            ("raw_host_to_device_gbps", flat, pinned),
+        ):
+            best = float("inf")
+            for _ in range(repeats):
+                torch.cuda.synchronize()
+                start = time.perf_counter()
+                dst.copy_(src, non_blocking=True)
+                torch.cuda.synchronize()
+                best = min(best, time.perf_counter() - start)
+            out[name] = size / best / 1e9
+    return out
+
+
 def run_check(
     shape: ModelShape,
     gpu: GPUSpec,
@@ -224,6 +279,7 @@ def run_check(
     roofline = RooflineCost(shape, gpu, params)
     rows = price(samples, roofline)
     busy = gpu_busy(engine, device, roofline)
+    links = link_speeds(engine, device)
     return {
         "schema": SCHEMA,
         "meta": {
@@ -241,6 +297,7 @@ def run_check(
         },
         "summary": summarize(rows, params),
         "decode_gpu_busy": busy,
+        "links": links and {**links, "modelled_pcie_gbps": gpu.pcie_bytes_per_s / 1e9},
         "steps": rows,
     }
 

@@ -10,6 +10,8 @@ The document ``cadenza simulate gpu-check`` writes (and this module renders)::
     decode_gpu_busy  {batch, steps, prompt_tokens, step_wall_s, kernel_s_per_step,
                       roofline_compute_s_per_step, busy_share, kernels_per_step}
                      (None on the CPU; {error} if the profiler failed)
+    links    {blocks, bytes, device_to_host_gbps, host_to_device_gbps, modelled_pcie_gbps,
+              raw_device_to_host_gbps, raw_host_to_device_gbps (CUDA only)}
 """
 
 from __future__ import annotations
@@ -113,6 +115,28 @@ def busy_text(busy: Mapping[str, Any] | None) -> list[str]:
     ]
 
 
+def links_text(links: Mapping[str, Any] | None) -> list[str]:
+    """The device <-> host copies against the simulator's modelled link, as a paragraph."""
+    if not links:
+        return []
+    raw = ""
+    if "raw_device_to_host_gbps" in links:
+        raw = (
+            f" One plain pinned copy of the same bytes moved {links['raw_device_to_host_gbps']:.1f}"
+            f" / {links['raw_host_to_device_gbps']:.1f} GB/s."
+        )
+    return [
+        f"**Device <-> host.** The engine's swap engine copied {links['blocks']} KV blocks"
+        f" ({links['bytes'] / 2**20:,.0f} MiB) device -> host at"
+        f" {links['device_to_host_gbps']:.1f} GB/s (an offload: strided slices of every"
+        f" layer, each host slot checksummed) and host -> device at"
+        f" {links['host_to_device_gbps']:.1f} GB/s (a fetch: each slot verified first), best"
+        f" of three.{raw} The simulator models this link at"
+        f" {links['modelled_pcie_gbps']:.1f} GB/s each way.",
+        "",
+    ]
+
+
 def markdown(doc: Mapping[str, Any], plot_name: str | None) -> str:
     m = doc["meta"]
     p = m["roofline_params"]
@@ -141,6 +165,7 @@ def markdown(doc: Mapping[str, Any], plot_name: str | None) -> str:
         *summary_table(doc),
         "",
         *busy_text(doc.get("decode_gpu_busy")),
+        *links_text(doc.get("links")),
         "## Prefill steps",
         "",
         *prefill_table(doc),
