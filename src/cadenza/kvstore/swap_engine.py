@@ -3,8 +3,10 @@
 FastSwitch's lessons: copy in large contiguous groups, not block by block, and keep copies off
 the critical path. Jobs run on one background thread in priority order (host→device first);
 within a job, runs of consecutive source and destination slots move as one strided slice copy per
-group, so a 32-block swap is a handful of large copies. On CUDA the host tensor is pinned and
-copies run on their own stream, ordered after the compute that wrote the blocks.
+group, so a 32-block swap is a handful of large copies. On CUDA the host tensor is pinned,
+copies run on their own stream, ordered after the compute that wrote the blocks, and a run
+moves as one contiguous copy per layer's K or V (a copy strided on both sides would be staged
+through pageable memory).
 
 On a CPU there is no copy engine: a copy running during a forward pass takes cores and memory
 bandwidth from it. So background work (copies out, write-through, hint fetches) runs in slices of
