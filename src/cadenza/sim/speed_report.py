@@ -9,11 +9,11 @@ The document ``cadenza simulate speed`` writes (and this module renders)::
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from cadenza.sim.report_files import write_report_files
 from cadenza.sim.speed_run import HEADLINE_WORKERS, SpeedPoint
 
 MET, MISSED = "met ✅", "not met ❌"
@@ -150,13 +150,7 @@ def plot(doc: Mapping[str, Any], path: Path) -> Path:
 
 def write_report(doc: Mapping[str, Any], out_dir: Path, name: str) -> list[Path]:
     """Write ``name``.json, .md and .png under ``out_dir``; returns the paths."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    json_path = out_dir / f"{name}.json"
-    json_path.write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    png = plot(doc, out_dir / f"{name}.png")
-    md = out_dir / f"{name}.md"
-    md.write_text(render_markdown(doc, png.name), encoding="utf-8")
-    return [json_path, md, png]
+    return write_report_files(doc, out_dir, name, plot, render_markdown)
 
 
 def _block_flag(settings: dict[str, Any]) -> str:
