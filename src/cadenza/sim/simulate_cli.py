@@ -118,7 +118,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="roofline parameter, e.g. matmul_efficiency=0.5 (repeatable)",
     )
     run_defaults = {a.dest: a.default for a in parser._actions if a.dest != "help"}
-    sub = parser.add_subparsers(dest="simulate_command", help="calibrate the cpu cost model")
+    sub = parser.add_subparsers(
+        dest="simulate_command", help="subcommands (each has its own --help)"
+    )
     cal = sub.add_parser("calibrate", help="fit the cpu cost model to this engine here")
     cal.add_argument(
         "--out", dest="cal_out", default=None, help=f"default: {default_calibration_path()}"
