@@ -153,9 +153,9 @@ def gpu_busy(
     """Where a decode step's time goes: over ``steps`` plain decode steps of ``batch``
     sequences of ``BUSY_PROMPT`` tokens, the device's kernel time (read by torch's profiler)
     against the steps' wall time and against the roofline's price of those steps without its
-    fixed overheads, and kernels launched per step. None on the CPU or where the profiler
-    cannot read the device. The profiler adds host time per launch, so the busy share it gives
-    is a floor."""
+    fixed overheads, and kernels launched per step. None on the CPU; ``{"error": ...}`` where
+    the profiler cannot read the device. The profiler adds host time per launch, so the busy
+    share it gives is a floor."""
     if not device.startswith("cuda"):
         return None
     from torch.autograd import DeviceType
