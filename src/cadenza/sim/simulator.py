@@ -120,7 +120,8 @@ class Simulation:
             worker.planned.clear()
             worker.wake_at = None
             scheduled_at = worker.planned_scheduled_at
-        if worker.core.has_unfinished_requests():
+        busy = worker.core.has_unfinished_requests()
+        if busy:
             at = max(worker.clock.now, self.events.now) + (IDLE_RETRY_S if retry else 0.0)
         else:
             done = worker.transfers.next_done()
@@ -128,7 +129,7 @@ class Simulation:
                 return
             at = max(done, self.events.now)
         if worker.wake_at is not None and worker.wake_at <= at:
-            if worker.wake_at >= worker.clock.now or not worker.core.has_unfinished_requests():
+            if worker.wake_at >= worker.clock.now or not busy:
                 return
             # Something outside a step (an install or a hint's fetch that evicted with a
             # synchronous copy) moved the busy worker's clock past its pending wake-up. That
