@@ -58,15 +58,22 @@ def check_state_dict(config: ModelConfig, state_dict: dict[str, torch.Tensor]) -
 
 
 def random_state_dict(
-    config: ModelConfig, seed: int = 0, std: float = 0.02
+    config: ModelConfig,
+    seed: int = 0,
+    std: float = 0.02,
+    *,
+    device: str = "cpu",
+    dtype: torch.dtype = torch.float32,
 ) -> dict[str, torch.Tensor]:
-    """Float32 CPU weights, identical for the same (config, seed, std) on any machine.
+    """Float32 CPU weights, identical for the same (config, seed, std) on any machine; or
+    drawn on another ``device`` in ``dtype`` (an 8B model's float32 weights drawn on the CPU
+    take minutes; values then differ from the CPU's).
 
     Norm weights are ``1 + std * N(0, 1)`` so that a wrong norm is visible in tests.
     """
-    generator = torch.Generator(device="cpu").manual_seed(seed)
+    generator = torch.Generator(device=device).manual_seed(seed)
     state_dict: dict[str, torch.Tensor] = {}
     for name, shape in parameter_shapes(config).items():
-        noise = torch.randn(shape, generator=generator, dtype=torch.float32) * std
+        noise = torch.randn(shape, generator=generator, device=device, dtype=dtype) * std
         state_dict[name] = noise + 1.0 if name.endswith("norm.weight") else noise
     return state_dict

@@ -108,8 +108,17 @@ def load_model_source(model: str) -> ModelSource:
 
 
 def random_model_source(
-    config: ModelConfig, seed: int = 0, tokenizer: Tokenizer | None = None
+    config: ModelConfig,
+    seed: int = 0,
+    tokenizer: Tokenizer | None = None,
+    *,
+    device: str = "cpu",
+    dtype: torch.dtype = torch.float32,
 ) -> ModelSource:
-    """Random weights for ``config`` (see :func:`random_state_dict`), fingerprinted by seed."""
-    state_dict = random_state_dict(config, seed=seed)
-    return ModelSource(config, state_dict, tokenizer, _fingerprint(config, [f"random:{seed}"]))
+    """Random weights for ``config`` (see :func:`random_state_dict`: float32 on the CPU unless
+    ``device`` / ``dtype`` say otherwise), fingerprinted by seed (and where they were drawn)."""
+    state_dict = random_state_dict(config, seed=seed, device=device, dtype=dtype)
+    where = "" if (device, dtype) == ("cpu", torch.float32) else f"-{device}-{dtype}"
+    return ModelSource(
+        config, state_dict, tokenizer, _fingerprint(config, [f"random{where}:{seed}"])
+    )

@@ -3,11 +3,12 @@
 The simulator prices GPU steps with a roofline (``sim/roofline.py``) whose efficiencies are
 typical of vLLM-class engines. This command measures how far that is from what this engine
 does on a real GPU: it builds the real ``LLMEngine`` on the device with one priced model's
-shape (Llama-3.1-8B by default) and random weights drawn on the device (a step's time does not
-depend on the weights' values, and no checkpoint can be fetched), runs the CPU calibration's
-workload (prefills of growing length, decode batches of growing width at short and long
-contexts, mixed steps; ``calibrate.profile_engine``) after one unrecorded pass to compile the
-kernels, and prices every measured step's shape with the roofline of the named GPU.
+shape (Llama-3.1-8B by default) and random weights drawn on the device
+(``random_model_source``: a step's time does not depend on the weights' values, and no
+checkpoint can be fetched), runs the CPU calibration's workload (prefills of growing length,
+decode batches of growing width at short and long contexts, mixed steps;
+``calibrate.profile_engine``) after one unrecorded pass to compile the kernels, and prices
+every measured step's shape with the roofline of the named GPU.
 
     cadenza simulate gpu-check --gpu H200 --model llama-3.1-8b --out-dir docs/benchmarks
 
@@ -68,25 +69,6 @@ def model_config(shape: ModelShape) -> Any:
     )
 
 
-def device_source(shape: ModelShape, device: str, seed: int = 0) -> Any:
-    """A ``ModelSource`` of ``shape`` with N(0, 0.02) weights drawn on ``device`` in bfloat16
-    on CUDA (float32 on CPU): an 8B model's float32 weights drawn on the CPU would take
-    minutes."""
-    import torch
-
-    from cadenza.model.random_init import parameter_shapes
-    from cadenza.model.source import ModelSource, _fingerprint
-
-    config = model_config(shape)
-    dtype = torch.float32 if device == "cpu" else torch.bfloat16
-    generator = torch.Generator(device=device).manual_seed(seed)
-    weights = {}
-    for name, size in parameter_shapes(config).items():
-        w = torch.randn(size, generator=generator, device=device, dtype=dtype) * 0.02
-        weights[name] = w + 1.0 if name.endswith("norm.weight") else w
-    return ModelSource(config, weights, None, _fingerprint(config, [f"random-{device}:{seed}"]))
-
-
 def build_engine(shape: ModelShape, device: str, kv_cache_gib: float) -> Any:
     from cadenza.config import EngineConfig
     from cadenza.engine import LLMEngine
@@ -102,7 +84,12 @@ def build_engine(shape: ModelShape, device: str, kv_cache_gib: float) -> Any:
         kv_cost_model="linear",  # no start-up profile: nothing here evicts
         kv_host_gib=min(4.0, kv_cache_gib / 4),  # room for ``link_speeds``' copies
     )
-    return LLMEngine(config, device_source(shape, device))
+    import torch
+
+    from cadenza.model.source import random_model_source
+
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    return LLMEngine(config, random_model_source(model_config(shape), device=device, dtype=dtype))
 
 
 def price(samples: list[tuple[StepShape, float]], roofline: RooflineCost) -> list[dict[str, Any]]:
@@ -267,6 +254,8 @@ def run_check(
     log: Any = None,
 ) -> dict[str, Any]:
     """Measure ``shape`` on ``device`` and price each step on ``gpu``; the report's document."""
+    import torch
+
     from cadenza.sim.calibrate import profile_engine
 
     start = time.perf_counter()
@@ -293,7 +282,7 @@ def run_check(
             "profile_s": time.perf_counter() - start - built,
             "attention_backend": engine.runner.attention.name,
             "python": platform.python_version(),
-            "torch": _torch_version(),
+            "torch": str(torch.__version__),
         },
         "summary": summarize(rows, params),
         "decode_gpu_busy": busy,
@@ -308,12 +297,6 @@ def device_name(device: str) -> str:
     if device.startswith("cuda"):
         return torch.cuda.get_device_name(torch.device(device))
     return platform.processor() or platform.machine()
-
-
-def _torch_version() -> str:
-    import torch
-
-    return str(torch.__version__)
 
 
 def add_parser(sub: Any) -> None:
